@@ -1,0 +1,8 @@
+"""Shared pytest setup: tests/ on sys.path so test helper modules import by name."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+# Never reach a model hub from tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
