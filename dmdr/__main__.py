@@ -1,0 +1,5 @@
+import sys
+
+from dmdr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,205 @@
+"""Checkpoints: the step-N layout, atomic completion, resume resolution and retention.
+
+Layout under ``<run>/checkpoints/`` (the reference's, plus a completion marker)::
+
+    accelerator_1/step-N/    generator: weights (full fine-tune), optimizer, LR scheduler, RNG
+    accelerator_2/step-N/    guidance model: optimizer, LR scheduler, RNG (its base is the frozen teacher)
+    lora_gui/step-N/         the guidance (fake score) LoRA adapter
+    lora_gen/step-N/         the generator LoRA adapter (only with --use-lora-gen)
+    torch_units/step-N.pt    counters and data position
+    step-N.complete.json     written last: the checkpoint exists only once this file does
+
+A crash mid-save leaves parts without a marker: they are invisible to resume and removed by
+the next save of the same step or by retention. The Checkpointer never talks to S3: the storage
+syncer picks up completed checkpoints from their markers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dmdr.errors import UserError
+from dmdr.logs import get_logger
+
+PARTS = ("accelerator_1", "accelerator_2", "lora_gen", "lora_gui")
+UNITS = "torch_units"
+_MARKER_RE = re.compile(r"^step-(\d+)\.complete\.json$")
+_STEP_RE = re.compile(r"step-(\d+)")
+
+
+def marker_path(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"step-{step}.complete.json"
+
+
+def complete_steps(ckpt_dir: Path) -> list[int]:
+    """Steps with a completion marker, ascending."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in ckpt_dir.iterdir() if (m := _MARKER_RE.match(p.name)))
+
+
+def step_paths(ckpt_dir: Path, step: int) -> list[Path]:
+    """Every path that belongs to checkpoint ``step`` (existing or not)."""
+    return [ckpt_dir / part / f"step-{step}" for part in PARTS] + [ckpt_dir / UNITS / f"step-{step}.pt"]
+
+
+def _files_of(run_dir: Path, paths: list[Path]) -> list[dict[str, Any]]:
+    files = []
+    for p in paths:
+        items = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else ([p] if p.is_file() else [])
+        files += [{"path": q.relative_to(run_dir).as_posix(), "size": q.stat().st_size} for q in items]
+    return files
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+class Checkpointer:
+    """Saves and loads training state for a pair of accelerators (generator, guidance).
+
+    ``save_lora`` / ``load_lora`` callbacks write and read the adapters; the accelerators'
+    own save/load hooks are set up by the trainer so accelerate skips frozen base weights.
+    """
+
+    def __init__(self, run_dir: Path, acc_gen, acc_gui, *, keep_last: int = 0):
+        self.run_dir = run_dir
+        self.dir = run_dir / "checkpoints"
+        self.acc_gen, self.acc_gui = acc_gen, acc_gui
+        self.keep_last = keep_last
+        self.log = get_logger()
+
+    # --- saving ------------------------------------------------------------------------
+    def save(self, step: int, units: dict[str, Any], save_adapters: Callable[[Path, Path], None]) -> Path:
+        """Write checkpoint ``step`` on every rank; the marker goes last. Returns the marker path."""
+        acc = self.acc_gen
+        marker = marker_path(self.dir, step)
+        t0 = time.perf_counter()
+        if acc.is_local_main_process:  # a re-save of the same step (or a crashed one) starts clean
+            _remove(marker)
+            for p in step_paths(self.dir, step):
+                _remove(p)
+            (self.dir / UNITS).mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        self.acc_gen.save_state(str(self.dir / "accelerator_1" / f"step-{step}"))
+        self.acc_gui.save_state(str(self.dir / "accelerator_2" / f"step-{step}"))
+        if acc.is_main_process:
+            save_adapters(self.dir / "lora_gen" / f"step-{step}", self.dir / "lora_gui" / f"step-{step}")
+            units_path = self.dir / UNITS / f"step-{step}.pt"
+            tmp = units_path.with_suffix(".pt.tmp")
+            torch.save(units, tmp)
+            tmp.replace(units_path)
+        acc.wait_for_everyone()
+        if acc.is_local_main_process:
+            files = _files_of(self.run_dir, step_paths(self.dir, step))
+            _write_json_atomic(marker, {
+                "step": step, "files": files, "world_size": acc.num_processes, "time": time.time(),
+            })
+        acc.wait_for_everyone()
+        self.log.info(f"saved checkpoint step-{step} in {time.perf_counter() - t0:.1f}s: {marker}")
+        if acc.is_local_main_process:
+            self.prune()
+        return marker
+
+    def prune(self) -> None:
+        """Keep the last ``keep_last`` complete checkpoints and drop parts without a marker
+        that are older than the newest complete one."""
+        steps = complete_steps(self.dir)
+        if not steps:
+            return
+        doomed = set(steps[: -self.keep_last]) if self.keep_last > 0 else set()
+        newest = steps[-1]
+        for part in (*PARTS, UNITS):
+            for p in (self.dir / part).glob("step-*") if (self.dir / part).is_dir() else []:
+                m = _STEP_RE.match(p.name)
+                if not m:
+                    continue
+                s = int(m.group(1))
+                if s in doomed or (s not in steps and s < newest):
+                    _remove(p)
+        for s in doomed:
+            _remove(marker_path(self.dir, s))
+            self.log.info(f"retention: removed checkpoint step-{s} (keep_last={self.keep_last})")
+
+    # --- resuming ----------------------------------------------------------------------
+    def resolve(self, spec: str | None) -> list[tuple[Path, int]]:
+        """Candidates ``(checkpoints_dir, step)`` for ``--resume-ckpt``, newest first.
+
+        ``auto``: every complete checkpoint of this run, newest first (empty: start fresh);
+        ``latest``: the same but an error when there is none; a path: exactly that checkpoint.
+        """
+        if spec is None:
+            return []
+        if spec in ("auto", "latest"):
+            steps = complete_steps(self.dir)
+            if not steps and spec == "latest":
+                raise UserError(
+                    f"--resume-ckpt latest: no complete checkpoint in {self.dir}; "
+                    "train first, or use --resume-ckpt auto to start fresh when there is none"
+                )
+            return [(self.dir, s) for s in reversed(steps)]
+        return [parse_checkpoint_path(Path(spec).expanduser())]
+
+    def load(self, ckpt_dir: Path, step: int, load_adapters: Callable[[Path, Path], None]) -> dict[str, Any]:
+        """Restore both accelerators' state, the adapters and return the torch_units dict."""
+        if not marker_path(ckpt_dir, step).is_file():
+            raise UserError(
+                f"checkpoint step-{step} in {ckpt_dir} is incomplete (no {marker_path(ckpt_dir, step).name}); "
+                "resume from another step or use --resume-ckpt auto"
+            )
+        try:
+            self.acc_gen.load_state(str(ckpt_dir / "accelerator_1" / f"step-{step}"))
+            self.acc_gui.load_state(str(ckpt_dir / "accelerator_2" / f"step-{step}"))
+            load_adapters(ckpt_dir / "lora_gen" / f"step-{step}", ckpt_dir / "lora_gui" / f"step-{step}")
+            units = torch.load(ckpt_dir / UNITS / f"step-{step}.pt", map_location="cpu", weights_only=True)
+        except UserError:
+            raise
+        except Exception as e:  # truncated or foreign files
+            raise UserError(
+                f"checkpoint step-{step} in {ckpt_dir} cannot be loaded ({e.__class__.__name__}: {e}); "
+                f"delete {marker_path(ckpt_dir, step).name} to skip it, or resume from another step"
+            ) from e
+        return units
+
+
+def parse_checkpoint_path(path: Path) -> tuple[Path, int]:
+    """Accept ``.../checkpoints/torch_units/step-N.pt`` (the reference's form), a part folder
+    ``.../checkpoints/<part>/step-N``, a marker file, or a run directory (its newest checkpoint)."""
+    if (path / "checkpoints").is_dir():
+        steps = complete_steps(path / "checkpoints")
+        if not steps:
+            raise UserError(f"--resume-ckpt: {path} has no complete checkpoint")
+        return path / "checkpoints", steps[-1]
+    m = _STEP_RE.search(path.name)
+    if not m:
+        raise UserError(
+            f"--resume-ckpt: {path} is not a checkpoint; pass checkpoints/torch_units/step-N.pt, "
+            "a run directory, 'latest' or 'auto'"
+        )
+    step = int(m.group(1))
+    ckpt_dir = path.parent if _MARKER_RE.match(path.name) else path.parent.parent
+    if not marker_path(ckpt_dir, step).is_file():
+        raise UserError(
+            f"--resume-ckpt: checkpoint step-{step} under {ckpt_dir} is missing or incomplete "
+            f"(no {marker_path(ckpt_dir, step).name})"
+        )
+    return ckpt_dir, step

@@ -1,0 +1,99 @@
+"""The ``dmdr`` command: train, sample, export, score (and storage/weights commands as they land)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from dmdr.errors import UserError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dmdr.config import build_config
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    cfg = build_config(flags)  # bad values fail here, before the heavy imports
+    from dmdr.train import train
+
+    run_dir = train(cfg)
+    if _is_main_rank():
+        print(f"outputs: {run_dir}", flush=True)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from dmdr import data, inference
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += data.load_prompt_list(args.prompts)
+    if not prompts:
+        prompts = list(data.SAMPLE_PROMPTS)
+    paths = inference.sample_to_dir(Path(args.run), args.step, prompts, Path(args.out), args.seed, args.device)
+    for p, text in zip(paths, prompts):
+        print(f"{p}\t{text}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dmdr import inference
+
+    out = inference.export(Path(args.run), args.step, Path(args.out))
+    print(f"exported generator UNet: {out}")
+    return 0
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dmdr import config
+
+    parser = argparse.ArgumentParser(prog="dmdr", description="DMDR: one-step SDXL distillation with rewards.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (under torchrun or accelerate launch for several processes)",
+                       description="Train a DMDR generator. Precedence: flag > --config > --preset > defaults.")
+    config.add_arguments(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("sample", help="images from a checkpoint of a run")
+    p.add_argument("--run", required=True, help="run directory (<output-dir>/<exp-name>)")
+    p.add_argument("--step", default="latest", help="checkpoint step or 'latest'")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="file with one prompt per line")
+    p.add_argument("--out", required=True, help="output folder for PNGs")
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("export", help="the generator as a diffusers UNet folder (safetensors)")
+    p.add_argument("--run", required=True, help="run directory (<output-dir>/<exp-name>)")
+    p.add_argument("--step", default="latest", help="checkpoint step or 'latest'")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_export)
+
+    for module in ("dmdr.score",):
+        try:
+            __import__(module, fromlist=["add_parser"]).add_parser(sub)
+        except ImportError:
+            pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"dmdr {args.command}: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The training configuration: one typed dataclass, presets, flags, validation.
+
+Precedence (highest first): command-line flag > ``--config FILE`` > ``--preset`` > defaults.
+Every field is a flag with the reference implementation's name (``exp_name`` ->
+``--exp-name``), and a key of the same name (``exp_name`` or ``exp-name``) in a config file.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dmdr.errors import UserError
+
+SAMPLING_TYPES = ("uniform", "logit_normal")
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, min: float | None = None, **kw):
+    """A dataclass field with the metadata the CLI and the validator need."""
+    meta = {"help": help, "choices": choices, "min": min, **kw}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Field docs double as ``--help`` text."""
+
+    # --- run and outputs -------------------------------------------------------------
+    output_dir: str = _f("outputs", "Base directory: the run lives in <output-dir>/<exp-name>/.")
+    exp_name: str = _f("dmdr", "Experiment name (sub-folder of --output-dir).")
+    seed: int = _f(30, "Base random seed (each rank adds its index).")
+    cache_dir: str = _f("~/.cache/dmdr", "Cache for built-in tiny models and fetched inputs.")
+
+    # --- models ----------------------------------------------------------------------
+    pretrained_model: str = _f(
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        "Teacher: a local diffusers SDXL folder, 'builtin:tiny', or a hub id (needs network).",
+    )
+    xl_ode_pretrain_path: str | None = _f(
+        None, "One-step generator init: a raw UNet state_dict (.bin/.safetensors) from ODE regression."
+    )
+    vae: str = _f("tiny", "VAE used to decode x0 for rewards and samples.", choices=("tiny", "full"))
+    tiny_vae_path: str | None = _f(
+        None, "AutoencoderTiny (taesdxl) folder; default <pretrained>/vae_tiny or $DMDR_WEIGHTS_DIR/taesdxl."
+    )
+    sample_num_steps: int = _f(1, "Steps of the few-step generator.", min=1)
+    conditioning_timestep: int = _f(399, "Generator timestep for one-step sampling (DMD2 uses 399).", min=0)
+    shift: float = _f(1.0, "Timestep shift of the few-step grid (1 = none).", min=0.0)
+    use_lora_gen: bool = _f(False, "Train a LoRA generator (rank 2x, alpha 4x --lora-rank) instead of the full UNet.")
+    lora_rank: int = _f(32, "LoRA rank of the guidance (fake score) adapter.", min=1)
+    lora_scale_f: float = _f(2.0, "LoRA scale of the fake score.")
+    lora_scale_r: float = _f(0.5, "LoRA scale of the real score during --dynamic-step (cosine to 0).")
+    gradient_checkpointing: bool = _f(False, "Gradient checkpointing in both UNets (saves memory, costs time).")
+
+    # --- data ------------------------------------------------------------------------
+    data_path_train: str = _f("builtin:prompts", "Training prompts, one per line ('builtin:prompts' = a small demo file).")
+    sample_prompts: str | None = _f(None, "Prompts for sample grids, one per line (default: built-in list).")
+    resolution: int = _f(1024, "Image resolution in pixels (multiple of 8).", min=8)
+    batch_size: int = _f(1, "Local batch size per process.", min=1)
+    batch_size_test: int = _f(2, "Sample-grid images per process.", min=1)
+    num_workers: int = _f(0, "DataLoader workers for prompts.", min=0)
+
+    # --- optimisation -----------------------------------------------------------------
+    learning_rate_gen: float = _f(1e-7, "Generator learning rate.", min=0.0)
+    learning_rate_gui: float = _f(1e-7, "Guidance (fake score) learning rate.", min=0.0)
+    adam_beta1: float = _f(0.9, "AdamW beta1.", min=0.0)
+    adam_beta2: float = _f(0.999, "AdamW beta2.", min=0.0)
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.", min=0.0)
+    adam_weight_decay: float = _f(0.01, "Generator weight decay (the guidance model uses 0).", min=0.0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", min=0.0)
+    use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes (CUDA only).")
+    mixed_precision: str = _f("no", "Mixed precision.", choices=("no", "fp16", "bf16"))
+    gradient_accumulation_steps: int = _f(1, "Gradient accumulation steps.", min=1)
+    lr_warmup_steps: int = _f(0, "Linear learning-rate warmup in optimizer steps (0 = constant).", min=0)
+    allow_tf32: bool = _f(True, "TF32 matmuls on CUDA.")
+    distributed: str = _f("ddp", "Data-parallel strategy.", choices=("ddp", "fsdp"))
+
+    # --- the DMDR schedule ------------------------------------------------------------
+    max_train_steps: int = _f(3001, "Generator steps to train (the run stops exactly there).", min=1)
+    cold_start_iter: int = _f(3001, "Generator step from which the reward losses are on.", min=0)
+    ratio_update: int = _f(5, "Guidance updates per generator update (two time-scale rule).", min=1)
+    dynamic_step: int = _f(0, "Steps of the dynamic strategy (cosine decays); 0 = off.", min=0)
+    s_type_gen: str = _f("uniform", "Generator-input timestep sampling.", choices=SAMPLING_TYPES)
+    s_type_gui: str = _f("uniform", "Guidance/DMD timestep sampling.", choices=SAMPLING_TYPES)
+    gen_a: float = _f(1.0, "Beta a for generator timesteps (logit_normal).", min=0.0)
+    gen_b: float = _f(1.0, "Beta b for generator timesteps (logit_normal).", min=0.0)
+    gui_a: float = _f(4.0, "Beta a for guidance/DMD timesteps (logit_normal).", min=0.0)
+    gui_b: float = _f(1.5, "Beta b for guidance/DMD timesteps (logit_normal).", min=0.0)
+    cfg_r: float = _f(7.0, "CFG scale of the real score (drawn in +-0.5 when > 1).", min=0.0)
+    cfg_f: float = _f(1.0, "CFG scale of the fake score (drawn in +-0.5 when > 1).", min=0.0)
+
+    # --- rewards ------------------------------------------------------------------------
+    clip_reward_model: str | None = _f(None, "CLIP reward checkpoint (Apple_CLIP-H-14-224.bin).")
+    hpsv2_reward_model: str | None = _f(None, "HPSv2.1 reward checkpoint (HPS_v2.1_compressed.pt).")
+    clip_reward_arch: str = _f("ViT-H-14", "open_clip model name or config JSON of the CLIP reward.")
+    hps_reward_arch: str = _f("ViT-H-14", "open_clip model name or config JSON of the HPS reward.")
+    reward_clip_weight: float = _f(0.0, "Weight of the CLIP hinge loss.", min=0.0)
+    reward_hps_weight: float = _f(0.0, "Weight of the HPS hinge loss.", min=0.0)
+    magic_prompt: str | None = _f(None, "Prefix of the HPS text (e.g. 'Realistic photo').")
+
+    # --- checkpoints, samples, logs -----------------------------------------------------
+    checkpoint_steps: int = _f(500, "Save a checkpoint every N generator steps.", min=1)
+    sample_steps: int = _f(100, "Write a sample grid every N generator steps.", min=1)
+    keep_last: int = _f(0, "Keep only the last K complete checkpoints (0 = keep all).", min=0)
+    resume_ckpt: str | None = _f(
+        None, "Resume: a checkpoint path (torch_units/step-N.pt or its step), 'latest', or 'auto'."
+    )
+    log_every: int = _f(1, "Progress line every N generator steps.", min=1)
+    report_to: str = _f("none", "Experiment tracker.", choices=("none", "tensorboard"))
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser() / self.exp_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _base_type(name: str) -> type:
+    tp = _TYPES[name]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("dmdr.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = resources.files("dmdr.presets") / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"--preset: unknown preset {name!r}; choose one of {', '.join(preset_names())}")
+    return _normalise(yaml.safe_load(path.read_text()) or {}, f"preset {name}")
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"--config: file {path} not found; pass a YAML file of trainer options")
+    try:
+        data = yaml.safe_load(p.read_text()) if p.suffix != ".json" else json.loads(p.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise UserError(f"--config: {path} is not valid YAML/JSON ({e.__class__.__name__}); fix the syntax") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config: {path} must be a mapping of option: value")
+    return _normalise(data, str(path))
+
+
+def _normalise(data: dict[str, Any], source: str) -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name != "preset" and name not in FIELDS:
+            raise UserError(f"{source}: unknown option {key!r}; see `dmdr train --help` for the options")
+        out[name] = value
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field. Defaults are suppressed so only flags given by the user are seen."""
+    parser.add_argument("--preset", default=argparse.SUPPRESS, help=f"Preset: {', '.join(preset_names())}.")
+    parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML file of options (same names as the flags).")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, f in FIELDS.items():
+        tp = _base_type(name)
+        flag = "--" + name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = _parse_optional(tp) if _TYPES[name] != tp else tp
+            kw["metavar"] = tp.__name__.upper()
+        group = groups.setdefault("options", parser.add_argument_group("training options"))
+        group.add_argument(flag, **kw)
+
+
+def _parse_optional(tp: type):
+    def parse(text: str):
+        return None if text.lower() in ("", "none", "null") else tp(text)
+
+    parse.__name__ = tp.__name__
+    return parse
+
+
+def build_config(flags: dict[str, Any]) -> TrainConfig:
+    """Merge defaults < preset < config file < flags, then validate."""
+    flags = dict(flags)
+    file_values = load_config_file(flags.pop("config")) if "config" in flags else {}
+    preset = flags.pop("preset", None) or file_values.pop("preset", None)
+    file_values.pop("preset", None)
+    merged: dict[str, Any] = {}
+    if preset:
+        merged.update({k: v for k, v in load_preset(preset).items() if k != "preset"})
+    merged.update(file_values)
+    merged.update(flags)
+    values = {name: _coerce(name, value) for name, value in merged.items()}
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def _coerce(name: str, value: Any) -> Any:
+    tp = _base_type(name)
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        if _TYPES[name] is tp:
+            raise UserError(f"{flag}: a value is required")
+        return None
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return tp(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{flag}: {value!r} is not a valid {tp.__name__}") from None
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject bad values with one line naming the option and what is allowed."""
+    for name, f in FIELDS.items():
+        value = getattr(cfg, name)
+        flag = "--" + name.replace("_", "-")
+        choices, lo = f.metadata.get("choices"), f.metadata.get("min")
+        if choices and value not in choices:
+            raise UserError(f"{flag}: {value!r} is not allowed; choose one of {', '.join(choices)}")
+        if lo is not None and value is not None and value < lo:
+            raise UserError(f"{flag}: {value!r} is too small; it must be >= {lo}")
+    if cfg.resolution % 8:
+        raise UserError(f"--resolution: {cfg.resolution} must be a multiple of 8 (the VAE downsamples by 8)")
+    if not 0 <= cfg.conditioning_timestep <= 999:
+        raise UserError(f"--conditioning-timestep: {cfg.conditioning_timestep} must be in [0, 999]")
+    if cfg.resume_ckpt is not None and cfg.resume_ckpt == "":
+        raise UserError("--resume-ckpt: give a path, 'latest' or 'auto'")
+    for flag, weight, path in (
+        ("--reward-clip-weight", cfg.reward_clip_weight, cfg.clip_reward_model),
+        ("--reward-hps-weight", cfg.reward_hps_weight, cfg.hpsv2_reward_model),
+    ):
+        if weight > 0 and not path:
+            model_flag = "--clip-reward-model" if "clip" in flag else "--hpsv2-reward-model"
+            raise UserError(f"{flag}: {weight} needs {model_flag} (a reward checkpoint file)")
+
+
+def save_args(cfg: TrainConfig, path: Path) -> None:
+    """Write the effective config (args.json). The config holds no secrets by construction."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

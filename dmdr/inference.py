@@ -1,0 +1,93 @@
+"""Use a trained generator: load it from a checkpoint or an exported folder, sample, export."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torchvision.utils import save_image
+
+from dmdr import checkpoint, data
+from dmdr.config import TrainConfig
+from dmdr.dmd import sampler, timesteps as ts
+from dmdr.errors import UserError
+from dmdr.models import sdxl
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    args = run_dir / "args.json"
+    if not args.is_file():
+        raise UserError(f"{run_dir} has no args.json: pass a run directory written by `dmdr train`")
+    values = json.loads(args.read_text())
+    known = {f for f in TrainConfig.__dataclass_fields__}
+    return TrainConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def find_checkpoint(run_dir: Path, step: str) -> int:
+    steps = checkpoint.complete_steps(run_dir / "checkpoints")
+    if not steps:
+        raise UserError(f"{run_dir} has no complete checkpoint (checkpoints/step-N.complete.json)")
+    if step == "latest":
+        return steps[-1]
+    if not step.isdigit() or int(step) not in steps:
+        raise UserError(f"--step {step}: no complete checkpoint with that step in {run_dir}; have {steps}")
+    return int(step)
+
+
+def load_generator(cfg: TrainConfig, run_dir: Path, step: int, device: torch.device) -> tuple[sdxl.SDXLParts, torch.nn.Module]:
+    """The SDXL parts plus the generator of checkpoint ``step`` (full weights or LoRA)."""
+    folder = sdxl.resolve_pretrained(cfg.pretrained_model, Path(cfg.cache_dir).expanduser())
+    parts = sdxl.load_sdxl(folder, vae=cfg.vae, tiny_vae_path=cfg.tiny_vae_path)
+    unet = copy.deepcopy(parts.unet)
+    ckpt = run_dir / "checkpoints"
+    if cfg.use_lora_gen:
+        if cfg.sample_num_steps == 1 and cfg.xl_ode_pretrain_path:
+            sdxl.load_ode_init(unet, cfg.xl_ode_pretrain_path)
+        sdxl.add_generator_lora(unet, rank=2 * cfg.lora_rank, alpha=4 * cfg.lora_rank)
+        sdxl.load_lora(unet, ckpt / "lora_gen" / f"step-{step}")
+    else:
+        weights = ckpt / "accelerator_1" / f"step-{step}" / "model.safetensors"
+        if not weights.is_file():
+            raise UserError(f"{weights} is missing: the checkpoint is incomplete or was written with FSDP sharding")
+        unet.load_state_dict(load_file(str(weights)), strict=True)
+    for m in (parts.text_encoder_one, parts.text_encoder_two, parts.vae, unet):
+        m.to(device).eval()
+    parts.alphas_cumprod = parts.alphas_cumprod.to(device)
+    return parts, unet
+
+
+@torch.no_grad()
+def sample_images(cfg: TrainConfig, parts: sdxl.SDXLParts, unet, prompts: list[str], seed: int,
+                  device: torch.device) -> torch.Tensor:
+    """Images in [0, 1] for ``prompts`` with fixed per-prompt seeds."""
+    grid = ts.generator_timesteps(cfg.sample_num_steps, cfg.shift, cfg.conditioning_timestep)
+    pe, pooled = sdxl.encode_prompts(parts, prompts, device)
+    lat = cfg.resolution // 8
+    noise = torch.stack([torch.randn((4, lat, lat), generator=torch.Generator().manual_seed(data.prompt_seed(p, seed)))
+                         for p in prompts]).to(device)
+    all_x0, _ = sampler.backward_simulation(
+        lambda x, t: sdxl.predict_eps(unet, x, t, pe, pooled, cfg.resolution), noise, grid, parts.alphas_cumprod,
+        generator=torch.Generator().manual_seed(seed))
+    return sdxl.decode_to_images(parts.vae, all_x0[-1]).float()
+
+
+def sample_to_dir(run_dir: Path, step: str, prompts: list[str], out_dir: Path, seed: int, device: str = "cpu") -> list[Path]:
+    cfg = load_run_config(run_dir)
+    dev = torch.device(device)
+    parts, unet = load_generator(cfg, run_dir, find_checkpoint(run_dir, step), dev)
+    images = sample_images(cfg, parts, unet, prompts, seed, dev)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        p = out_dir / f"{i:04d}.png"
+        save_image(img, p)
+        paths.append(p)
+    return paths
+
+
+def export(run_dir: Path, step: str, out_dir: Path) -> Path:
+    cfg = load_run_config(run_dir)
+    _, unet = load_generator(cfg, run_dir, find_checkpoint(run_dir, step), torch.device("cpu"))
+    return sdxl.export_unet(unet, out_dir, conditioning_timestep=cfg.conditioning_timestep, num_steps=cfg.sample_num_steps)

@@ -1,0 +1,322 @@
+"""The DMDR trainer: distribution matching distillation + reward fine-tuning of a few-step
+SDXL generator. Read top to bottom: ``Trainer.__init__`` sets up, ``fit`` is the loop,
+``guidance_step`` and ``generator_step`` are the two updates of the two time-scale rule.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torchvision.utils import make_grid, save_image
+
+from dmdr import components, data
+from dmdr.checkpoint import Checkpointer
+from dmdr.config import TrainConfig, save_args
+from dmdr.dmd import losses, sampler, timesteps as ts
+from dmdr.logs import JsonlLog, Progress, setup_logging
+from dmdr.models import sdxl
+from dmdr.rewards import RewardSet, RewardSpec, check_reward_file
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.acc, self.acc_gui = components.make_accelerators(cfg)
+        acc = self.acc
+        self.device = acc.device
+        self.log = setup_logging(self.run_dir, acc.is_main_process, acc.process_index)
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+            torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+        if acc.is_main_process:
+            save_args(cfg, self.run_dir / "args.json")
+        self.log.info(f"run directory: {self.run_dir}")
+
+        # Rewards: check the files now, load them only when the reward phase starts.
+        specs = []
+        for name, path, arch, weight, prefix in (
+            ("clip", cfg.clip_reward_model, cfg.clip_reward_arch, cfg.reward_clip_weight, None),
+            ("hps", cfg.hpsv2_reward_model, cfg.hps_reward_arch, cfg.reward_hps_weight, cfg.magic_prompt),
+        ):
+            if path:
+                spec = RewardSpec(name=name, path=components.resolve_input_file(path, f"--{name} reward model"),
+                                  arch=arch, weight=weight, prefix=prefix)
+                check_reward_file(spec)
+                specs.append(spec)
+        self.rewards = RewardSet(specs) if specs else None
+
+        set_seed(cfg.seed)  # identical model init on every rank
+        self.models = components.build_models(cfg, self.device)
+        m = self.models
+        self.alphas = m.parts.alphas_cumprod
+        self.grid = ts.generator_timesteps(cfg.sample_num_steps, cfg.shift, cfg.conditioning_timestep)
+        if cfg.sample_num_steps == 1 and cfg.s_type_gui != "uniform":
+            # The reference meant to force this for one step but wrote a no-op comparison.
+            self.log.warning("one-step training: --s-type-gui forced to uniform (as the reference intends)")
+            self.s_type_gui = "uniform"
+        else:
+            self.s_type_gui = cfg.s_type_gui
+
+        opt_gen = components.make_optimizer(cfg, components.trainable(m.generator), cfg.learning_rate_gen, cfg.adam_weight_decay)
+        opt_gui = components.make_optimizer(cfg, components.trainable(m.guidance), cfg.learning_rate_gui, 0.0)
+        components.register_adapter_hooks(self.acc, skip_weights=cfg.use_lora_gen)
+        components.register_adapter_hooks(self.acc_gui, skip_weights=True)
+        self.gen, self.opt_gen, self.sched_gen = self.acc.prepare(m.generator, opt_gen, components.make_scheduler(cfg, opt_gen))
+        self.gui, self.opt_gui, self.sched_gui = self.acc_gui.prepare(m.guidance, opt_gui, components.make_scheduler(cfg, opt_gui))
+
+        # Data: one local batch per inner step, deterministic and resumable.
+        prompts_path = data_path(cfg.data_path_train)
+        self.stream = data.PromptStream(data.PromptFile(prompts_path), cfg.batch_size, acc.process_index,
+                                        acc.num_processes, cfg.seed, num_workers=cfg.num_workers)
+        self.neg = sdxl.encode_prompts(m.parts, [""], self.device)
+        self.sample_prompts = self._sample_prompts()
+
+        self.global_step = 0  # generator updates
+        self.inner_step = 0  # guidance updates
+        self.ckpt = Checkpointer(self.run_dir, self.acc, self.acc_gui, keep_last=cfg.keep_last)
+        self.gen_log = JsonlLog(self.run_dir / "loss_logs" / "loss_gen_log.jsonl", key="step")
+        self.gui_log = JsonlLog(self.run_dir / "loss_logs" / "loss_gui_log.jsonl", key="inner_step")
+        set_seed(cfg.seed + acc.process_index)  # different noise per rank
+        self.resume()
+        if cfg.report_to != "none":
+            self.acc.init_trackers("dmdr", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
+
+    # --- the loop ------------------------------------------------------------------------
+    def fit(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        self.log.info(
+            f"training {cfg.max_train_steps} generator steps from step {self.global_step}: "
+            f"{acc.num_processes} processes x batch {cfg.batch_size} x accumulation "
+            f"{cfg.gradient_accumulation_steps} = {self.global_batch} prompts per step"
+        )
+        progress = Progress(cfg.max_train_steps, self.global_step, self.global_batch)
+        last_saved = self.global_step
+        while self.global_step < cfg.max_train_steps:
+            prompts = self.stream.next_batch()
+            with acc.accumulate(self.gen, self.gui):
+                batch = self.prepare_batch(prompts)
+                gui_logs = self.guidance_step(batch)
+                gen_due = self.inner_step % cfg.ratio_update == 0 and self.inner_step > 0
+                gen_logs = self.generator_step(batch) if gen_due else None
+            if not acc.sync_gradients:
+                continue
+            self.write_gui_log(gui_logs)
+            self.inner_step += 1
+            if gen_logs is None:
+                continue
+            self.global_step += 1
+            self.write_gen_log(gen_logs, progress)
+            if self.global_step % cfg.sample_steps == 0:
+                self.sample_grid()
+            if self.global_step % cfg.checkpoint_steps == 0:
+                self.save()
+                last_saved = self.global_step
+        if last_saved != self.global_step:
+            self.save()
+        acc.wait_for_everyone()
+        self.log.info(f"training done at step {self.global_step}; outputs in {self.run_dir}")
+        acc.end_training()
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.acc.num_processes * self.cfg.gradient_accumulation_steps
+
+    def prepare_batch(self, prompts: list[str]) -> dict[str, Any]:
+        """Text conditioning, the generator's own few-step chain (no grad), and its inputs."""
+        cfg, m = self.cfg, self.models
+        embeds = sdxl.encode_prompts(m.parts, prompts, self.device)
+        shape = (len(prompts), 4, cfg.resolution // 8, cfg.resolution // 8)
+        with torch.no_grad(), self.acc.autocast():
+            self.gen.eval()
+            all_x0, step_t = sampler.backward_simulation(
+                lambda x, t: self.eps(self.gen, x, t, embeds), torch.randn(shape, device=self.device),
+                self.grid, self.alphas)
+        t_gen = ts.sample_discrete(len(prompts), step_t, cfg.s_type_gen, cfg.gen_a, cfg.gen_b,
+                                   self.global_step, cfg.dynamic_step).to(self.device)
+        x_clean = sampler.pick_x0(all_x0, step_t, t_gen).float()
+        x_gen = sampler.generator_input(all_x0, step_t, t_gen, self.alphas).float()
+        return {"prompts": prompts, "embeds": embeds, "x_clean": x_clean, "x_gen": x_gen, "t_gen": t_gen}
+
+    def eps(self, unet, x, t, embeds, **kw) -> torch.Tensor:
+        return sdxl.predict_eps(unet, x, t, embeds[0], embeds[1], self.cfg.resolution, **kw)
+
+    def guidance_step(self, b: dict[str, Any]) -> dict[str, float]:
+        """Fit the fake score (the guidance LoRA at scale --lora-scale-f) to the generator's outputs."""
+        cfg = self.cfg
+        self.gui.train()
+        t = ts.sample_continuous(b["x_clean"].shape[0], self.s_type_gui, cfg.gui_a, cfg.gui_b,
+                                 self.global_step, cfg.dynamic_step).to(self.device)
+        noise = torch.randn_like(b["x_clean"])
+        x_t = sampler.add_noise(b["x_clean"], noise, t, self.alphas)
+        with self.acc_gui.autocast():
+            loss = losses.guidance_loss(self.eps(self.gui, x_t, t, b["embeds"], lora_scale=cfg.lora_scale_f).float(), noise)
+        self.acc_gui.backward(loss)
+        if self.acc_gui.sync_gradients and cfg.max_grad_norm > 0:
+            self.acc_gui.clip_grad_norm_(self.gui.parameters(), cfg.max_grad_norm)
+        self.opt_gui.step()
+        self.sched_gui.step()
+        self.opt_gui.zero_grad(set_to_none=True)
+        self.opt_gen.zero_grad(set_to_none=True)
+        return {"loss_gui": loss.detach()}
+
+    def generator_step(self, b: dict[str, Any]) -> dict[str, Any]:
+        """DMD loss (real minus fake score, both with CFG) plus reward hinge losses."""
+        cfg, m = self.cfg, self.models
+        self.gen.train()
+        self.gui.eval()
+        with self.acc.autocast():
+            x0 = sampler.x0_from_eps(b["x_gen"], self.eps(self.gen, b["x_gen"], b["t_gen"], b["embeds"]).float(),
+                                     b["t_gen"], self.alphas)
+        logs: dict[str, Any] = {}
+        loss = torch.zeros((), device=self.device)
+        if self.rewards is not None and self.global_step >= cfg.cold_start_iter:
+            self.rewards.to(self.device, m.dtype)
+            with self.acc.autocast():
+                images = sdxl.decode_to_images(m.parts.vae, x0.to(m.dtype))
+                reward_loss, reward_logs = self.rewards.loss(images, b["prompts"])
+            loss = loss + reward_loss
+            logs.update(reward_logs)
+
+        t = ts.sample_continuous(x0.shape[0], self.s_type_gui, cfg.gui_a, cfg.gui_b,
+                                 self.global_step, cfg.dynamic_step).to(self.device)
+        x_t = sampler.add_noise(x0.detach(), torch.randn_like(x0), t, self.alphas)
+        real_scale = ts.real_score_lora_scale(cfg.lora_scale_r, self.global_step, cfg.dynamic_step)
+        with torch.no_grad(), self.acc.autocast():
+            eps_fake = self.eps(self.gui, x_t, t, b["embeds"], lora_scale=cfg.lora_scale_f,
+                                uncond=self.neg, cfg=ts.cfg_scale(cfg.cfg_f))
+            eps_real = self.eps(self.gui, x_t, t, b["embeds"], lora_scale=real_scale,
+                                uncond=self.neg, cfg=ts.cfg_scale(cfg.cfg_r))
+        x0_fake = sampler.x0_from_eps(x_t, eps_fake.float(), t, self.alphas)
+        x0_real = sampler.x0_from_eps(x_t, eps_real.float(), t, self.alphas)
+        loss_dmd, _ = losses.dmd_loss(x0, x0_real, x0_fake)
+        loss = loss + loss_dmd
+        self.acc.backward(loss)
+        if self.acc.sync_gradients and cfg.max_grad_norm > 0:
+            self.acc.clip_grad_norm_(self.gen.parameters(), cfg.max_grad_norm)
+        self.opt_gen.step()
+        self.sched_gen.step()
+        self.opt_gen.zero_grad(set_to_none=True)
+        self.opt_gui.zero_grad(set_to_none=True)
+        logs.update({"loss_gen": loss.detach(), "loss_dmd": loss_dmd.detach(), "real_lora_scale": real_scale})
+        return logs
+
+    # --- logs, samples, checkpoints ---------------------------------------------------
+    def _reduce(self, logs: dict[str, Any]) -> dict[str, float]:
+        out = {}
+        for k, v in logs.items():
+            out[k] = self.acc.reduce(v.reshape(1), reduction="mean").item() if torch.is_tensor(v) else float(v)
+        return out
+
+    def write_gui_log(self, logs: dict[str, Any]) -> None:
+        row = self._reduce(logs)
+        if self.acc.is_main_process:
+            self.gui_log.append({"step": self.global_step, "inner_step": self.inner_step, **row,
+                                 "lr_gui": self.sched_gui.get_last_lr()[0], "time": time.time()})
+
+    def write_gen_log(self, logs: dict[str, Any], progress: Progress) -> None:
+        row = self._reduce(logs)
+        for name in ("clip", "hps"):
+            row.setdefault(name, 0.0)
+        if not self.acc.is_main_process:
+            return
+        rates = progress.rates(self.global_step) if self.global_step % self.cfg.log_every == 0 else None
+        full = {"step": self.global_step, "inner_step": self.inner_step, **row,
+                "lr_gen": self.sched_gen.get_last_lr()[0], "time": time.time()}
+        if rates:
+            full["images_per_s"] = rates["images_per_s"]
+            shown = {k: row[k] for k in ("loss_dmd", "loss_gen", "clip", "hps") if k in row}
+            self.log.info(Progress.line(self.global_step, self.cfg.max_train_steps, rates, shown))
+        self.gen_log.append(full)
+        self.acc.log(row, step=self.global_step)
+
+    def _sample_prompts(self) -> list[str]:
+        cfg = self.cfg
+        pool = data.load_prompt_list(cfg.sample_prompts) if cfg.sample_prompts else list(data.SAMPLE_PROMPTS)
+        n = cfg.batch_size_test * self.acc.num_processes
+        pool = (pool * math.ceil(n / len(pool)))[:n]
+        per = cfg.batch_size_test
+        rank = self.acc.process_index
+        return pool[rank * per:(rank + 1) * per]
+
+    @torch.no_grad()
+    def sample_grid(self) -> None:
+        """One-step (or few-step) samples of fixed prompts with fixed per-prompt seeds."""
+        cfg, m = self.cfg, self.models
+        prompts = self.sample_prompts
+        embeds = sdxl.encode_prompts(m.parts, prompts, self.device)
+        noise = torch.stack([
+            torch.randn((4, cfg.resolution // 8, cfg.resolution // 8),
+                        generator=torch.Generator().manual_seed(data.prompt_seed(p, cfg.seed)))
+            for p in prompts]).to(self.device)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.gen.eval()
+        with self.acc.autocast():
+            all_x0, _ = sampler.backward_simulation(lambda x, t: self.eps(self.gen, x, t, embeds), noise,
+                                                    self.grid, self.alphas, generator=gen)
+            images = sdxl.decode_to_images(m.parts.vae, all_x0[-1].to(m.dtype)).float()
+        images = self.acc.gather(images.contiguous())
+        if self.acc.is_main_process:
+            out = self.run_dir / "samples" / f"step-{self.global_step:06d}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            save_image(make_grid(images, nrow=max(1, round(math.sqrt(images.shape[0])))), out)
+            self.log.info(f"samples: {out}")
+
+    def units(self) -> dict[str, Any]:
+        return {"global_step": self.global_step, "inner_step": self.inner_step,
+                "data": self.stream.state_dict(), "world_size": self.acc.num_processes, "version": 1}
+
+    def save(self) -> None:
+        def save_adapters(gen_dir: Path, gui_dir: Path) -> None:
+            sdxl.save_lora(self.acc_gui.unwrap_model(self.gui), gui_dir)
+            if self.cfg.use_lora_gen:
+                sdxl.save_lora(self.acc.unwrap_model(self.gen), gen_dir)
+
+        self.ckpt.save(self.global_step, self.units(), save_adapters)
+
+    def resume(self) -> None:
+        candidates = self.ckpt.resolve(self.cfg.resume_ckpt)
+        if not candidates:
+            if self.acc.is_main_process:
+                self.gen_log.reset()
+                self.gui_log.reset()
+            return
+
+        def load_adapters(gen_dir: Path, gui_dir: Path) -> None:
+            sdxl.load_lora(self.acc_gui.unwrap_model(self.gui), gui_dir)
+            if self.cfg.use_lora_gen:
+                sdxl.load_lora(self.acc.unwrap_model(self.gen), gen_dir)
+
+        for i, (ckpt_dir, step) in enumerate(candidates):
+            try:
+                units = self.ckpt.load(ckpt_dir, step, load_adapters)
+                break
+            except Exception as e:  # auto/latest: fall back to the previous complete checkpoint
+                if i + 1 == len(candidates) or self.cfg.resume_ckpt not in ("auto", "latest"):
+                    raise
+                self.log.warning(f"WARNING: {e}; trying an older checkpoint")
+        self.global_step, self.inner_step = int(units["global_step"]), int(units["inner_step"])
+        self.stream.load_state_dict(units["data"])
+        if self.acc.is_main_process:
+            self.gen_log.truncate_after(self.global_step)
+            self.gui_log.truncate_after(self.inner_step - 1)
+        self.log.info(f"resumed from {ckpt_dir}/step-{step}: generator step {self.global_step}, inner step {self.inner_step}")
+
+
+def data_path(spec: str) -> str:
+    """Resolve the prompt file: ``builtin:prompts`` is a small file shipped with the package."""
+    if spec == "builtin:prompts":
+        from importlib import resources
+
+        return str(resources.files("dmdr") / "assets" / "prompts.txt")
+    return components.resolve_input_file(spec, "--data-path-train")
+
+
+def train(cfg: TrainConfig) -> Path:
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return trainer.run_dir
