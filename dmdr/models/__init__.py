@@ -1,0 +1,31 @@
+"""SDXL model loading, LoRA, the tiny random SDXL pipeline and UNet export."""
+
+from dmdr.models.sdxl import (
+    LORA_TARGET_MODULES,
+    SDXLParts,
+    add_generator_lora,
+    add_guidance_lora,
+    decode_to_images,
+    encode_prompts,
+    export_unet,
+    has_lora,
+    load_lora,
+    load_ode_init,
+    load_sdxl,
+    lora_state_dict,
+    merged_unet,
+    predict_eps,
+    register_pretrained_resolver,
+    resolve_pretrained,
+    save_lora,
+    time_ids,
+    unwrap,
+)
+from dmdr.models.tiny import TINY_SPEC_VERSION, build_tiny_sdxl
+
+__all__ = [
+    "LORA_TARGET_MODULES", "SDXLParts", "TINY_SPEC_VERSION", "add_generator_lora", "add_guidance_lora",
+    "build_tiny_sdxl", "decode_to_images", "encode_prompts", "export_unet", "has_lora", "load_lora",
+    "load_ode_init", "load_sdxl", "lora_state_dict", "merged_unet", "predict_eps",
+    "register_pretrained_resolver", "resolve_pretrained", "save_lora", "time_ids", "unwrap",
+]
