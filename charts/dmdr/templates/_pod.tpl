@@ -1,0 +1,227 @@
+{{/*
+The pod template shared by the Master and Worker replicas. The training operator adds the
+rendezvous environment (PET_*, MASTER_ADDR/PORT, WORLD_SIZE, RANK) to the container named
+"pytorch"; torchrun reads the PET_* variables itself, so the command names none of them.
+*/}}
+{{- define "dmdr.podTemplate" -}}
+{{- $v := .Values -}}
+metadata:
+  labels:
+    {{- include "dmdr.labels" . | nindent 4 }}
+    {{- with $v.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    kubectl.kubernetes.io/default-container: pytorch
+    {{- with $v.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  serviceAccountName: {{ include "dmdr.serviceAccountName" . }}
+  automountServiceAccountToken: {{ $v.automountServiceAccountToken }}
+  # Service links would add an env var per Service in the namespace; training needs none.
+  enableServiceLinks: false
+  terminationGracePeriodSeconds: {{ $v.job.terminationGracePeriodSeconds }}
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.priorityClassName }}
+  priorityClassName: {{ . | quote }}
+  {{- end }}
+  {{- if and $v.gangScheduling.enabled $v.gangScheduling.schedulerName }}
+  schedulerName: {{ $v.gangScheduling.schedulerName | quote }}
+  {{- end }}
+  {{- with $v.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: {{ $v.podSecurity.runAsUser }}
+    runAsGroup: {{ $v.podSecurity.runAsGroup }}
+    fsGroup: {{ $v.podSecurity.fsGroup }}
+    fsGroupChangePolicy: OnRootMismatch
+    seccompProfile:
+      type: RuntimeDefault
+  containers:
+    - name: pytorch
+      image: {{ include "dmdr.image" . | quote }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      command:
+        - torchrun
+      args:
+        - --nproc-per-node={{ include "dmdr.procsPerPod" . }}
+        - -m
+        - dmdr
+        - train
+        - --config
+        - /etc/dmdr/config.yaml
+        - --resume-ckpt
+        - auto
+        {{- range $v.training.extraArgs }}
+        - {{ . | quote }}
+        {{- end }}
+      ports:
+        # The operator builds MASTER_PORT / PET_RDZV_ENDPOINT from the port with this name.
+        - name: pytorchjob-port
+          containerPort: {{ $v.distributed.port }}
+          protocol: TCP
+      env:
+        {{- include "dmdr.env" . | nindent 8 }}
+      resources:
+        {{- with $v.resources.requests }}
+        requests:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+        {{- if or $v.resources.limits (gt (int $v.resources.gpusPerPod) 0) }}
+        limits:
+          {{- with $v.resources.limits }}
+          {{- toYaml . | nindent 10 }}
+          {{- end }}
+          {{- if gt (int $v.resources.gpusPerPod) 0 }}
+          {{ $v.resources.gpuResourceName }}: {{ $v.resources.gpusPerPod }}
+          {{- end }}
+        {{- end }}
+      securityContext:
+        runAsNonRoot: true
+        allowPrivilegeEscalation: false
+        privileged: false
+        readOnlyRootFilesystem: true
+        capabilities:
+          drop:
+            - ALL
+        seccompProfile:
+          type: RuntimeDefault
+      volumeMounts:
+        - name: config
+          mountPath: /etc/dmdr
+          readOnly: true
+        - name: dshm
+          mountPath: /dev/shm
+        - name: tmp
+          mountPath: /tmp
+        - name: home
+          mountPath: /home/dmdr
+        - name: cache
+          mountPath: /home/dmdr/.cache
+        - name: outputs
+          mountPath: /workspace/outputs
+        {{- with $v.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+  volumes:
+    - name: config
+      configMap:
+        name: {{ include "dmdr.configMapName" . }}
+    - name: dshm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ $v.shm.sizeLimit | quote }}
+    - name: tmp
+      emptyDir:
+        sizeLimit: {{ $v.storage.tmp.sizeLimit | quote }}
+    - name: home
+      emptyDir:
+        sizeLimit: {{ $v.storage.home.sizeLimit | quote }}
+    - name: cache
+      {{- if or $v.storage.cache.existingClaim $v.storage.cache.create.enabled }}
+      persistentVolumeClaim:
+        claimName: {{ include "dmdr.cacheClaimName" . }}
+      {{- else }}
+      emptyDir:
+        sizeLimit: {{ $v.storage.cache.sizeLimit | quote }}
+      {{- end }}
+    - name: outputs
+      {{- if $v.storage.outputs.existingClaim }}
+      persistentVolumeClaim:
+        claimName: {{ $v.storage.outputs.existingClaim }}
+      {{- else }}
+      emptyDir:
+        sizeLimit: {{ $v.storage.outputs.sizeLimit | quote }}
+      {{- end }}
+    {{- with $v.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+
+{{/* The container environment; credentials only ever as secretKeyRef. */}}
+{{- define "dmdr.env" -}}
+{{- $v := .Values -}}
+- name: HOME
+  value: /home/dmdr
+- name: TMPDIR
+  value: /tmp
+- name: XDG_CACHE_HOME
+  value: /home/dmdr/.cache
+- name: HF_HOME
+  value: /home/dmdr/.cache/huggingface
+- name: TRITON_CACHE_DIR
+  value: /home/dmdr/.cache/triton
+- name: TORCHINDUCTOR_CACHE_DIR
+  value: /home/dmdr/.cache/torchinductor
+{{- if eq $v.distributed.backend "nccl" }}
+- name: NCCL_DEBUG
+  value: {{ $v.nccl.debug | quote }}
+{{- with $v.nccl.socketIfname }}
+- name: NCCL_SOCKET_IFNAME
+  value: {{ . | quote }}
+{{- end }}
+{{- range $name, $value := $v.nccl.extraEnv }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+{{- with $v.storage.s3 }}
+{{- if .uri }}
+- name: DMDR_S3_URI
+  value: {{ .uri | quote }}
+- name: DMDR_S3_PATH_STYLE
+  value: {{ .pathStyle | toString | quote }}
+{{- with .endpointUrl }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- if eq .credentials.source "secret" }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ .credentials.existingSecret }}
+      key: {{ .credentials.accessKeyIdKey | quote }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .credentials.existingSecret }}
+      key: {{ .credentials.secretAccessKeyKey | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with $v.hfToken.existingSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $v.hfToken.key | quote }}
+{{- end }}
+{{- with $v.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}

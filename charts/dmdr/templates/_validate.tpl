@@ -1,0 +1,91 @@
+{{/*
+Checks that values.schema.json cannot express: combinations of values. Each failure is one
+sentence naming the values involved and the fix. Included once, from pytorchjob.yaml.
+*/}}
+{{- define "dmdr.validate" -}}
+{{- $v := .Values }}
+{{- $replicas := int $v.job.replicas }}
+{{- $gpus := int $v.resources.gpusPerPod }}
+
+{{- if not $v.image.repository }}
+{{- fail "image.repository is empty: set it to the image built by `make build-and-push`, e.g. --set image.repository=registry.example.com/dmdr" }}
+{{- end }}
+
+{{- $job := include "dmdr.jobName" . }}
+{{- if not (regexMatch "^[a-z]" $job) }}
+{{- fail (printf "the PyTorchJob would be named %q, but the training operator names Services after it and they must start with a letter: choose a release name that starts with a letter, or set fullnameOverride" $job) }}
+{{- end }}
+
+{{- if $v.elastic.enabled }}
+{{- $min := int $v.elastic.minReplicas }}
+{{- $max := int $v.elastic.maxReplicas }}
+{{- if lt $max $min }}
+{{- fail (printf "elastic.maxReplicas (%d) is smaller than elastic.minReplicas (%d): raise maxReplicas or lower minReplicas" $max $min) }}
+{{- end }}
+{{- if or (lt $replicas $min) (gt $replicas $max) }}
+{{- fail (printf "job.replicas (%d) is outside elastic.minReplicas..maxReplicas (%d..%d): set job.replicas within that range" $replicas $min $max) }}
+{{- end }}
+{{- end }}
+
+{{- if and (eq $v.distributed.backend "nccl") (eq $gpus 0) }}
+{{- fail "distributed.backend is nccl but resources.gpusPerPod is 0: NCCL needs GPUs; set resources.gpusPerPod >= 1, or distributed.backend=gloo for a CPU-only run" }}
+{{- end }}
+{{- if and (gt $gpus 0) $v.distributed.procsPerPod (ne (int $v.distributed.procsPerPod) $gpus) }}
+{{- fail (printf "distributed.procsPerPod (%d) differs from resources.gpusPerPod (%d): with GPUs torchrun starts one process per GPU; remove distributed.procsPerPod" (int $v.distributed.procsPerPod) $gpus) }}
+{{- end }}
+{{- range $name, $_ := merge (dict) $v.resources.requests $v.resources.limits }}
+{{- if eq $name $v.resources.gpuResourceName }}
+{{- fail (printf "resources.requests/limits name %s: set the GPU count with resources.gpusPerPod instead (it also sets the processes per pod)" $name) }}
+{{- end }}
+{{- end }}
+
+{{- $s3 := $v.storage.s3 }}
+{{- if $s3.uri }}
+{{- if and (eq $s3.credentials.source "secret") (not $s3.credentials.existingSecret) }}
+{{- fail "storage.s3.credentials.existingSecret is empty: create a Secret with the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (see k8s/s3-secret.example.yaml) and name it here, or set storage.s3.credentials.source=serviceAccount to use IRSA / workload identity" }}
+{{- end }}
+{{- if and (eq $s3.credentials.source "serviceAccount") (not $v.serviceAccount.create) (not $v.serviceAccount.name) }}
+{{- fail "storage.s3.credentials.source=serviceAccount needs a service account bound to a cloud role: set serviceAccount.create=true with serviceAccount.annotations (e.g. eks.amazonaws.com/role-arn), or serviceAccount.name of an existing one" }}
+{{- end }}
+{{- else if or $s3.endpointUrl $s3.credentials.existingSecret }}
+{{- fail "storage.s3.endpointUrl or storage.s3.credentials.existingSecret is set but storage.s3.uri is empty: set storage.s3.uri=s3://bucket/prefix" }}
+{{- end }}
+
+{{- if and (eq $v.job.restartPolicy "ExitCode") (not (include "dmdr.durableOutputs" .)) }}
+{{- fail "job.restartPolicy=ExitCode recreates pods, which deletes their emptyDir outputs and every checkpoint with them: set storage.s3.uri or storage.outputs.existingClaim, or use job.restartPolicy=OnFailure" }}
+{{- end }}
+
+{{- if and $v.kueue.queueName $v.gangScheduling.enabled }}
+{{- fail "kueue.queueName and gangScheduling.enabled are both set: Kueue already admits the whole job at once; use one of them" }}
+{{- end }}
+{{- if and $v.gangScheduling.enabled $v.gangScheduling.minAvailable }}
+{{- if gt (int $v.gangScheduling.minAvailable) $replicas }}
+{{- fail (printf "gangScheduling.minAvailable (%d) is larger than job.replicas (%d): the group could never be scheduled; lower it" (int $v.gangScheduling.minAvailable) $replicas) }}
+{{- end }}
+{{- end }}
+
+{{- $create := $v.storage.cache.create }}
+{{- if and $create.enabled $v.storage.cache.existingClaim }}
+{{- fail "storage.cache.create.enabled and storage.cache.existingClaim are both set: use one of them" }}
+{{- end }}
+{{- $maxPods := ternary (int $v.elastic.maxReplicas) $replicas $v.elastic.enabled }}
+{{- if and $create.enabled (eq $create.accessMode "ReadWriteOnce") (gt $maxPods 1) }}
+{{- fail (printf "storage.cache.create.accessMode=ReadWriteOnce cannot be mounted by %d pods on different nodes: use ReadWriteMany, or drop the PVC (an emptyDir per pod)" $maxPods) }}
+{{- end }}
+
+{{- $reserved := dict "output_dir" "it is fixed to the mounted volume /workspace/outputs (size it with storage.outputs)" "exp_name" "use training.expName" "cache_dir" "the cache is the volume at /home/dmdr/.cache (see storage.cache)" "s3_uri" "use storage.s3.uri" "s3_endpoint_url" "use storage.s3.endpointUrl" "resume_ckpt" "the chart always resumes with --resume-ckpt auto" "preset" "use training.preset" }}
+{{- $credential := include "dmdr.credentialPattern" . }}
+{{- range $key, $_ := $v.training.overrides }}
+{{- if hasKey $reserved $key }}
+{{- fail (printf "training.overrides.%s is set by the chart: %s" $key (get $reserved $key)) }}
+{{- end }}
+{{- if regexMatch $credential $key }}
+{{- fail (printf "training.overrides.%s looks like a credential, and overrides are stored in a plaintext ConfigMap: put it in a Secret and pass it with extraEnv valueFrom.secretKeyRef (or hfToken / storage.s3.credentials)" $key) }}
+{{- end }}
+{{- end }}
+{{- range $v.extraEnv }}
+{{- if and (regexMatch $credential .name) (hasKey . "value") }}
+{{- fail (printf "extraEnv %s has a literal value, which would be stored in the job spec in plaintext: use valueFrom.secretKeyRef with a Secret instead" .name) }}
+{{- end }}
+{{- end }}
+{{- end }}

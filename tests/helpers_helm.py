@@ -1,0 +1,270 @@
+"""Test helpers for the dmdr chart: render with Helm's engine, validate, and emulate the operator.
+
+Rendering goes through ci/render_chart.py (the code behind `make helm-template` and
+`make k8s-examples`), so tests see exactly what users and the committed examples get.
+
+`operator_env` reproduces what the Kubeflow training operator (v1, >= 1.7) adds to the
+"pytorch" container of each replica, and `local_replicas` turns a rendered PyTorchJob into
+local processes (hosts resolved to loopback, volumes to folders), for tests that run the pods.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART_DIR = ROOT / "charts" / "dmdr"
+CI_VALUES = sorted((CHART_DIR / "ci").glob("*.yaml"))
+# CI clones the repository with shared/ beside it.
+CRDS_DIR = ROOT.parent / "shared" / "crds"
+PYTORCHJOB_CRD = CRDS_DIR / "kubeflow.org_pytorchjobs.yaml"
+K8S_VERSION = "1.31.0"
+
+
+def _load_render_module():
+    spec = importlib.util.spec_from_file_location("render_chart", ROOT / "ci" / "render_chart.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("render_chart", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+render_chart = _load_render_module()
+
+
+def render(values: dict[str, Any] | None = None, release: str = "run",
+           namespace: str = "ml") -> dict[str, str]:
+    """Template path -> rendered text (NOTES.txt included), via Helm's engine."""
+    return render_chart.render(values, release=release, namespace=namespace)
+
+
+def render_objects(values: dict[str, Any] | None = None, release: str = "run",
+                   namespace: str = "ml") -> list[dict[str, Any]]:
+    """Every rendered Kubernetes object, parsed."""
+    rendered = render(values, release, namespace)
+    return [doc for path, text in rendered.items() if path != render_chart.NOTES
+            for doc in yaml.safe_load_all(text) if doc]
+
+
+def render_error(values: dict[str, Any], release: str = "run") -> str:
+    """The message Helm gives for values that must be refused (fails if rendering works)."""
+    try:
+        render(values, release)
+    except render_chart.helm.HelmError as exc:
+        return str(exc)
+    raise AssertionError(f"rendering succeeded but should have failed for {values!r}")
+
+
+def values_file(path: Path) -> dict[str, Any]:
+    return render_chart.load_values([path])
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [obj for obj in objects if obj.get("kind") == kind]
+
+
+def the(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = by_kind(objects, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def replica_templates(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Replica type (Master/Worker) -> pod template of a PyTorchJob."""
+    return {rtype: spec["template"] for rtype, spec in job["spec"]["pytorchReplicaSpecs"].items()}
+
+
+def as_pod(template: dict[str, Any], name: str) -> dict[str, Any]:
+    """A pod template as a Pod object, for the Kubernetes schemas."""
+    metadata = {**copy.deepcopy(template.get("metadata", {})), "name": name}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
+
+
+def validate_k8s(obj: dict[str, Any]) -> None:
+    """Strict Kubernetes OpenAPI validation (unknown fields are errors)."""
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def _structural(schema: Any) -> Any:
+    """A CRD's OpenAPI v3 schema as plain JSON Schema, with the API server's strictness:
+    unknown fields are errors unless x-kubernetes-preserve-unknown-fields, nullable allows null.
+    """
+    if isinstance(schema, list):
+        return [_structural(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _structural(value) for key, value in schema.items()
+           if not key.startswith("x-kubernetes-") and key not in ("nullable", "format")}
+    if schema.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if (out.get("type") == "object" and "properties" in out
+            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        out.setdefault("additionalProperties", False)
+    if "properties" in schema:
+        out["properties"] = {k: _structural(v) for k, v in schema["properties"].items()}
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def crd_validator(crd_path: Path = PYTORCHJOB_CRD, version: str = "v1") -> jsonschema.Validator:
+    """A validator for one version of a CRD file's openAPIV3Schema (parsed once)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = next(doc for doc in yaml.load_all(crd_path.read_text(), Loader=loader) if doc)
+    served = next(v for v in crd["spec"]["versions"] if v["name"] == version)
+    schema = _structural(served["schema"]["openAPIV3Schema"])
+    return jsonschema.Draft7Validator(schema)
+
+
+# --- what the training operator injects -------------------------------------------------
+
+def _port(job: dict[str, Any], rtype: str) -> int:
+    for container in replica_templates(job)[rtype]["spec"]["containers"]:
+        if container["name"] == "pytorch":
+            for port in container.get("ports", []):
+                if port.get("name") == "pytorchjob-port":
+                    return int(port["containerPort"])
+    raise AssertionError(f"{rtype}: no container port named pytorchjob-port")
+
+
+def operator_env(job: dict[str, Any], rtype: str, index: int) -> dict[str, str]:
+    """Env the training operator (kubeflow.org/v1, >= 1.7) appends for replica rtype-index.
+
+    Mirrors setPodEnv and the master/elastic env generators of training-operator v1:
+    WORLD_SIZE = all replicas x nprocPerNode and RANK / PET_NODE_RANK only with a Master;
+    PET_NNODES is "min:max" in elastic mode, else the replica count.
+    """
+    spec = job["spec"]
+    name = job["metadata"]["name"]
+    replicas = {rt: int(rs.get("replicas", 1)) for rt, rs in spec["pytorchReplicaSpecs"].items()}
+    total = sum(replicas.values())
+    nproc_raw = str(spec.get("nprocPerNode", "auto"))
+    nproc = int(nproc_raw) if nproc_raw.isdigit() else 1
+    env = {"PYTHONUNBUFFERED": "0"}
+    if "Master" in replicas:
+        port = str(_port(job, "Master"))
+        rank = index + 1 if rtype == "Worker" else index
+        env.update({
+            "MASTER_PORT": port, "MASTER_ADDR": f"{name}-master-0",
+            "PET_MASTER_PORT": port, "PET_MASTER_ADDR": f"{name}-master-0",
+            "WORLD_SIZE": str(total * nproc), "RANK": str(rank),
+            "PET_NPROC_PER_NODE": nproc_raw, "PET_NODE_RANK": str(rank),
+        })
+    elastic = spec.get("elasticPolicy")
+    if elastic is None:
+        env["PET_NNODES"] = str(total)
+        return env
+    host = elastic.get("rdzvHost", f"{name}-worker-0")
+    env["PET_RDZV_ENDPOINT"] = f"{host}:{elastic.get('rdzvPort', _port(job, 'Worker'))}"
+    env["PET_RDZV_BACKEND"] = elastic.get("rdzvBackend", "c10d")
+    if "minReplicas" in elastic or "maxReplicas" in elastic:
+        env["PET_NNODES"] = f"{elastic['minReplicas']}:{elastic['maxReplicas']}"
+    else:
+        env["PET_NNODES"] = str(replicas["Worker"])
+    if "maxRestarts" in elastic:
+        env["PET_MAX_RESTARTS"] = str(elastic["maxRestarts"])
+    if "nProcPerNode" in elastic:
+        env["PET_NPROC_PER_NODE"] = str(elastic["nProcPerNode"])
+    if "rdzvId" in elastic:
+        env["PET_RDZV_ID"] = elastic["rdzvId"]
+    if elastic.get("rdzvConf"):
+        env["PET_RDZV_CONF"] = ",".join(f"{c['key']}={c['value']}" for c in elastic["rdzvConf"])
+    if elastic.get("standalone"):
+        env["PET_STANDALONE"] = ""
+    return env
+
+
+# --- the rendered pods as local processes ------------------------------------------------
+
+@dataclass
+class LocalReplica:
+    """One pod of the job as a local process: argv, full environment and its folders."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    mounts: dict[str, Path] = field(default_factory=dict)
+
+
+def _rewrite(text: str, mounts: dict[str, Path]) -> str:
+    """Replace mount paths by their local folders in one pass (longest mount wins)."""
+    if not mounts:
+        return text
+    alternatives = "|".join(re.escape(m) for m in sorted(mounts, key=len, reverse=True))
+    pattern = re.compile(rf"(?<![\w./-])({alternatives})(?=/|$|[\s\"',:])", re.MULTILINE)
+    return pattern.sub(lambda match: str(mounts[match.group(1)]), text)
+
+
+def local_replicas(objects: list[dict[str, Any]], root: Path,
+                   secrets: dict[str, dict[str, str]] | None = None,
+                   host: str = "127.0.0.1", port: int | None = None) -> list[LocalReplica]:
+    """The PyTorchJob's pods as local processes under root/<pod name>/.
+
+    Pod DNS names become `host`, every volume mount a folder (the ConfigMap's files written
+    into it, their mount paths rewritten), `secretKeyRef` values come from `secrets`, the
+    rendezvous port can be moved to a free one, and `torchrun` is this Python's
+    `-m torch.distributed.run`.
+    """
+    job = copy.deepcopy(the(objects, "PyTorchJob"))
+    configmaps = {cm["metadata"]["name"]: cm.get("data", {}) for cm in by_kind(objects, "ConfigMap")}
+    if port is not None:
+        for template in replica_templates(job).values():
+            for container in template["spec"]["containers"]:
+                for p in container.get("ports", []):
+                    if p.get("name") == "pytorchjob-port":
+                        p["containerPort"] = port
+    name = job["metadata"]["name"]
+    pods = []
+    for rtype, rspec in job["spec"]["pytorchReplicaSpecs"].items():
+        for index in range(int(rspec.get("replicas", 1))):
+            pods.append(_local_pod(job, rtype, index, root, configmaps, secrets or {}, host, name))
+    return pods
+
+
+def _local_pod(job, rtype, index, root, configmaps, secrets, host, job_name) -> LocalReplica:
+    pod_name = f"{job_name}-{rtype.lower()}-{index}"
+    spec = replica_templates(job)[rtype]["spec"]
+    container = next(c for c in spec["containers"] if c["name"] == "pytorch")
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    mounts: dict[str, Path] = {}
+    for mount in container.get("volumeMounts", []):
+        folder = root / pod_name / mount["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        mounts[mount["mountPath"]] = folder
+    for mount in container.get("volumeMounts", []):
+        source = volumes[mount["name"]].get("configMap")
+        if source:
+            for key, text in configmaps[source["name"]].items():
+                (mounts[mount["mountPath"]] / key).write_text(_rewrite(text, mounts))
+
+    env = {k: os.environ[k] for k in ("PATH", "LANG", "PYTHONPATH") if k in os.environ}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = _rewrite(str(item["value"]), mounts)
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            try:
+                env[item["name"]] = secrets[ref["name"]][ref["key"]]
+            except KeyError:
+                raise AssertionError(f"{pod_name}: env {item['name']} needs Secret "
+                                     f"{ref['name']} key {ref['key']}") from None
+    for key, value in operator_env(job, rtype, index).items():
+        for pod in (f"{job_name}-master-0", f"{job_name}-worker-0"):
+            value = value.replace(pod, host)
+        env[key] = value
+
+    command = container["command"] + container.get("args", [])
+    if command[0] == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run"] + command[1:]
+    argv = [_rewrite(arg, mounts) for arg in command]
+    return LocalReplica(pod_name, argv, env, mounts)
