@@ -13,6 +13,9 @@ DEMO_DIR ?= outputs
 
 .PHONY: help venv test test-fast demo bench clean
 
+.DEFAULT_GOAL := help
+include ci/make/helm.mk
+
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 

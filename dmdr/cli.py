@@ -49,7 +49,7 @@ def _is_main_rank() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dmdr import config
+    from dmdr import config, score
 
     parser = argparse.ArgumentParser(prog="dmdr", description="DMDR: one-step SDXL distillation with rewards.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,11 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_export)
 
-    for module in ("dmdr.score",):
-        try:
-            __import__(module, fromlist=["add_parser"]).add_parser(sub)
-        except ImportError:
-            pass
+    score.add_parser(sub)
     return parser
 
 

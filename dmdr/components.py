@@ -25,6 +25,7 @@ def make_accelerators(cfg: TrainConfig) -> tuple[Accelerator, Accelerator]:
     its optimiser, ``accelerator_2`` the guidance model (the reference's checkpoint layout).
     With DDP or FSDP both prepare their model on the same devices."""
     kwargs: dict[str, Any] = {
+        "cpu": not torch.cuda.is_available(),  # accelerate only goes multi-process (gloo) on CPU when told
         "mixed_precision": cfg.mixed_precision,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "project_config": ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "tensorboard")),

@@ -101,7 +101,10 @@ class TrainConfig:
     # --- rewards ------------------------------------------------------------------------
     clip_reward_model: str | None = _f(None, "CLIP reward checkpoint (Apple_CLIP-H-14-224.bin).")
     hpsv2_reward_model: str | None = _f(None, "HPSv2.1 reward checkpoint (HPS_v2.1_compressed.pt).")
-    clip_reward_arch: str = _f("ViT-H-14", "open_clip model name or config JSON of the CLIP reward.")
+    clip_reward_arch: str = _f(
+        "ViT-H-14-quickgelu",
+        "open_clip model name or config JSON of the CLIP reward (DFN5B is a QuickGELU ViT-H-14).",
+    )
     hps_reward_arch: str = _f("ViT-H-14", "open_clip model name or config JSON of the HPS reward.")
     reward_clip_weight: float = _f(0.0, "Weight of the CLIP hinge loss.", min=0.0)
     reward_hps_weight: float = _f(0.0, "Weight of the HPS hinge loss.", min=0.0)
@@ -113,6 +116,10 @@ class TrainConfig:
     keep_last: int = _f(0, "Keep only the last K complete checkpoints (0 = keep all).", min=0)
     resume_ckpt: str | None = _f(
         None, "Resume: a checkpoint path (torch_units/step-N.pt or its step), 'latest', or 'auto'."
+    )
+    init_ckpt: str | None = _f(
+        None, "Start a NEW run from another run's checkpoint (e.g. stage 1 for stage 2) when --resume-ckpt "
+        "finds nothing to resume; counters continue from it."
     )
     log_every: int = _f(1, "Progress line every N generator steps.", min=1)
     report_to: str = _f("none", "Experiment tracker.", choices=("none", "tensorboard"))

@@ -19,8 +19,34 @@ def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 
 
+def quiet_libraries() -> None:
+    """Library progress bars use carriage returns: keep them off unless stdout is a terminal,
+    and keep the libraries' chatter to warnings that matter."""
+    import os
+
+    if not sys.stdout.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        try:
+            import diffusers.utils.logging as dl
+            import transformers.utils.logging as tl
+
+            dl.disable_progress_bar()
+            tl.disable_progress_bar()
+        except ImportError:
+            pass
+    try:
+        import diffusers.utils.logging as dl
+        import transformers.utils.logging as tl
+
+        dl.set_verbosity_error()
+        tl.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def setup_logging(run_dir: Path | None, is_main: bool, rank: int = 0) -> logging.Logger:
     """stdout for everyone (rank-tagged), ``<run_dir>/log.txt`` on the main process."""
+    quiet_libraries()
     logger = get_logger()
     logger.handlers.clear()
     logger.propagate = False

@@ -51,7 +51,8 @@ class Trainer:
         self.rewards = RewardSet(specs) if specs else None
 
         set_seed(cfg.seed)  # identical model init on every rank
-        self.models = components.build_models(cfg, self.device)
+        with acc.local_main_process_first():  # one download/build per node, then the others read it
+            self.models = components.build_models(cfg, self.device)
         m = self.models
         self.alphas = m.parts.alphas_cumprod
         self.grid = ts.generator_timesteps(cfg.sample_num_steps, cfg.shift, cfg.conditioning_timestep)
@@ -62,18 +63,13 @@ class Trainer:
         else:
             self.s_type_gui = cfg.s_type_gui
 
-        opt_gen = components.make_optimizer(cfg, components.trainable(m.generator), cfg.learning_rate_gen, cfg.adam_weight_decay)
-        opt_gui = components.make_optimizer(cfg, components.trainable(m.guidance), cfg.learning_rate_gui, 0.0)
-        components.register_adapter_hooks(self.acc, skip_weights=cfg.use_lora_gen)
-        components.register_adapter_hooks(self.acc_gui, skip_weights=True)
-        self.gen, self.opt_gen, self.sched_gen = self.acc.prepare(m.generator, opt_gen, components.make_scheduler(cfg, opt_gen))
-        self.gui, self.opt_gui, self.sched_gui = self.acc_gui.prepare(m.guidance, opt_gui, components.make_scheduler(cfg, opt_gui))
+        self.prepare_models(m.generator, m.guidance)
 
         # Data: one local batch per inner step, deterministic and resumable.
         prompts_path = data_path(cfg.data_path_train)
         self.stream = data.PromptStream(data.PromptFile(prompts_path), cfg.batch_size, acc.process_index,
                                         acc.num_processes, cfg.seed, num_workers=cfg.num_workers)
-        self.neg = sdxl.encode_prompts(m.parts, [""], self.device)
+        self.neg = self.encode([""])
         self.sample_prompts = self._sample_prompts()
 
         self.global_step = 0  # generator updates
@@ -85,6 +81,19 @@ class Trainer:
         self.resume()
         if cfg.report_to != "none":
             self.acc.init_trackers("dmdr", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
+
+    def prepare_models(self, generator: torch.nn.Module, guidance: torch.nn.Module) -> None:
+        """Optimisers, LR schedulers and the accelerators' wrapping of both models."""
+        cfg = self.cfg
+        opt_gen = components.make_optimizer(cfg, components.trainable(generator), cfg.learning_rate_gen, cfg.adam_weight_decay)
+        opt_gui = components.make_optimizer(cfg, components.trainable(guidance), cfg.learning_rate_gui, 0.0)
+        components.register_adapter_hooks(self.acc, skip_weights=cfg.use_lora_gen)
+        components.register_adapter_hooks(self.acc_gui, skip_weights=True)
+        self.gen, self.opt_gen, self.sched_gen = self.acc.prepare(generator, opt_gen, components.make_scheduler(cfg, opt_gen))
+        self.gui, self.opt_gui, self.sched_gui = self.acc_gui.prepare(guidance, opt_gui, components.make_scheduler(cfg, opt_gui))
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return sdxl.encode_prompts(self.models.parts, prompts, self.device)
 
     # --- the loop ------------------------------------------------------------------------
     def fit(self) -> None:
@@ -110,14 +119,15 @@ class Trainer:
             if gen_logs is None:
                 continue
             self.global_step += 1
-            self.write_gen_log(gen_logs, progress)
             if self.global_step % cfg.sample_steps == 0:
-                self.sample_grid()
+                gen_logs.update(self.sample_grid())
+            self.write_gen_log(gen_logs, progress)
             if self.global_step % cfg.checkpoint_steps == 0:
                 self.save()
                 last_saved = self.global_step
         if last_saved != self.global_step:
             self.save()
+        self.check_replicas()
         acc.wait_for_everyone()
         self.log.info(f"training done at step {self.global_step}; outputs in {self.run_dir}")
         acc.end_training()
@@ -128,8 +138,8 @@ class Trainer:
 
     def prepare_batch(self, prompts: list[str]) -> dict[str, Any]:
         """Text conditioning, the generator's own few-step chain (no grad), and its inputs."""
-        cfg, m = self.cfg, self.models
-        embeds = sdxl.encode_prompts(m.parts, prompts, self.device)
+        cfg = self.cfg
+        embeds = self.encode(prompts)
         shape = (len(prompts), 4, cfg.resolution // 8, cfg.resolution // 8)
         with torch.no_grad(), self.acc.autocast():
             self.gen.eval()
@@ -244,11 +254,12 @@ class Trainer:
         return pool[rank * per:(rank + 1) * per]
 
     @torch.no_grad()
-    def sample_grid(self) -> None:
-        """One-step (or few-step) samples of fixed prompts with fixed per-prompt seeds."""
+    def sample_grid(self) -> dict[str, float]:
+        """Samples of fixed prompts with fixed per-prompt seeds, saved as one grid; with reward
+        models configured, their mean scores on these samples (reward curves in the logs)."""
         cfg, m = self.cfg, self.models
         prompts = self.sample_prompts
-        embeds = sdxl.encode_prompts(m.parts, prompts, self.device)
+        embeds = self.encode(prompts)
         noise = torch.stack([
             torch.randn((4, cfg.resolution // 8, cfg.resolution // 8),
                         generator=torch.Generator().manual_seed(data.prompt_seed(p, cfg.seed)))
@@ -259,12 +270,37 @@ class Trainer:
             all_x0, _ = sampler.backward_simulation(lambda x, t: self.eps(self.gen, x, t, embeds), noise,
                                                     self.grid, self.alphas, generator=gen)
             images = sdxl.decode_to_images(m.parts.vae, all_x0[-1].to(m.dtype)).float()
+        scores = self.sample_scores(images, prompts)
         images = self.acc.gather(images.contiguous())
         if self.acc.is_main_process:
             out = self.run_dir / "samples" / f"step-{self.global_step:06d}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             save_image(make_grid(images, nrow=max(1, round(math.sqrt(images.shape[0])))), out)
             self.log.info(f"samples: {out}")
+        return scores
+
+    def sample_scores(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Reward scores of the sample images; before the reward phase the models stay on the CPU."""
+        if self.rewards is None:
+            return {}
+        in_phase = self.global_step >= self.cfg.cold_start_iter
+        device = self.device if in_phase else torch.device("cpu")
+        self.rewards.to(device, self.models.dtype if in_phase else torch.float32)
+        with self.acc.autocast() if in_phase else torch.autocast("cpu", enabled=False):
+            scores = self.rewards.scores(images.to(device), prompts)
+        return {f"sample_{name}": s.mean().to(self.device) for name, s in scores.items()}
+
+    def check_replicas(self) -> None:
+        """Data-parallel replicas must hold the same generator; a cheap fingerprint proves it."""
+        if self.acc.num_processes == 1 or self.cfg.distributed == "fsdp":
+            return
+        with torch.no_grad():
+            params = list(self.acc.unwrap_model(self.gen).parameters())
+            fp = torch.stack([sum(p.double().sum() for p in params), sum(p.double().abs().sum() for p in params)])
+        all_fp = self.acc.gather(fp.reshape(1, 2).to(self.device))
+        if not torch.equal(all_fp, all_fp[:1].expand_as(all_fp)):
+            raise RuntimeError(f"generator replicas differ across processes: {all_fp.tolist()}")
+        self.log.info(f"generator replicas identical on {self.acc.num_processes} processes")
 
     def units(self) -> dict[str, Any]:
         return {"global_step": self.global_step, "inner_step": self.inner_step,
@@ -280,6 +316,9 @@ class Trainer:
 
     def resume(self) -> None:
         candidates = self.ckpt.resolve(self.cfg.resume_ckpt)
+        if not candidates and self.cfg.init_ckpt:
+            candidates = self.ckpt.resolve(self.cfg.init_ckpt)
+            self.log.info(f"nothing to resume in {self.run_dir}: starting from --init-ckpt {self.cfg.init_ckpt}")
         if not candidates:
             if self.acc.is_main_process:
                 self.gen_log.reset()

@@ -1,0 +1,34 @@
+"""Run the real `dmdr` command for the trainer's integration tests."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DMDR = [sys.executable, "-m", "dmdr"]
+
+
+def env(cache_dir: Path, **extra) -> dict:
+    e = dict(os.environ)
+    e.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+              "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def tiny_args(out: Path, exp: str, cache: Path, *extra: str) -> list[str]:
+    return ["train", "--preset", "tiny", "--output-dir", str(out), "--exp-name", exp,
+            "--cache-dir", str(cache), *extra]
+
+
+def run_dmdr(args: list[str], cache: Path, timeout: int = 600, check: bool = True, **extra_env):
+    proc = subprocess.run(DMDR + args, capture_output=True, text=True, timeout=timeout,
+                          env=env(cache, **extra_env), cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dmdr {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
