@@ -1,0 +1,96 @@
+"""`dmdr ls` and `dmdr pull`: look at runs in the object store and download checkpoints.
+
+The main CLI calls `add_parsers(subparsers)` and dispatches ``ls`` to `run_ls(args)` and
+``pull`` to `run_pull(args)`; both return an exit code and raise UserError for user mistakes.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dmdr.errors import UserError
+from dmdr.storage.client import StorageConfig
+from dmdr.storage.layout import ONLY_GROUPS
+from dmdr.storage.remote import download_checkpoint, latest_complete, list_checkpoints, list_runs
+
+
+def add_s3_options(parser: argparse.ArgumentParser) -> None:
+    """The connection flags shared with `dmdr train` (credentials come from the AWS chain)."""
+    group = parser.add_argument_group("object storage")
+    group.add_argument("--s3-endpoint-url", default=None,
+                       help="custom S3 endpoint (MinIO, Ceph, R2); default: AWS_ENDPOINT_URL or AWS")
+    group.add_argument("--s3-region", default=None, help="region (default: AWS chain, then us-east-1)")
+    group.add_argument("--s3-path-style", action="store_true", help="path-style addressing (MinIO/Ceph)")
+    group.add_argument("--s3-profile", default=None, help="AWS profile name (default: AWS_PROFILE)")
+
+
+def config_from_args(args: argparse.Namespace, uri: str) -> StorageConfig:
+    """A StorageConfig for `uri` from the flags of `add_s3_options`."""
+    return StorageConfig(s3_uri=uri, endpoint_url=args.s3_endpoint_url, region=args.s3_region,
+                         path_style=args.s3_path_style, profile=args.s3_profile)
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``ls`` and ``pull`` subcommands."""
+    ls = subparsers.add_parser("ls", help="list runs under a prefix, or the checkpoints of a run",
+                               description="List runs under s3://BUCKET/PREFIX, or the checkpoints "
+                                           "(step, size, complete or not) of s3://BUCKET/PREFIX/EXP.")
+    ls.add_argument("uri", help="s3://bucket/prefix or s3://bucket/prefix/exp")
+    add_s3_options(ls)
+    pull = subparsers.add_parser("pull", help="download a checkpoint of a run, verified",
+                                 description="Download one checkpoint of s3://BUCKET/PREFIX/EXP into "
+                                             "DEST (laid out like the run's own directory).")
+    pull.add_argument("uri", help="s3://bucket/prefix/exp")
+    pull.add_argument("--step", default="latest", help="'latest' (default) or a step number")
+    pull.add_argument("--dest", required=True, type=Path, help="local directory (the experiment dir)")
+    pull.add_argument("--only", default="all", choices=list(ONLY_GROUPS),
+                      help="all files, or only the generator / the LoRA adapters")
+    add_s3_options(pull)
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    """Print the checkpoints of a run, or the runs under a prefix."""
+    cfg = config_from_args(args, args.uri)
+    checkpoints = list_checkpoints(args.uri, cfg)
+    if checkpoints:
+        print(f"{args.uri}")
+        print(f"{'STEP':>10}  {'SIZE':>10}  STATUS")
+        for ckpt in checkpoints:
+            status = "complete" if ckpt.complete else "incomplete"
+            print(f"{ckpt.step:>10}  {_human(ckpt.size):>10}  {status}{'  (latest)' if ckpt.latest else ''}")
+        return 0
+    runs = list_runs(args.uri, cfg)
+    if not runs:
+        print(f"No runs or checkpoints under {args.uri}.")
+        return 0
+    print(f"{'RUN':<40}  LATEST")
+    for run in runs:
+        print(f"{run.name:<40}  {run.latest_step if run.latest_step is not None else '-'}")
+    return 0
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    """Download `--step` of a run into `--dest`, verifying every file."""
+    cfg = config_from_args(args, args.uri)
+    if args.step == "latest":
+        step = latest_complete(args.uri, cfg)
+        if step is None:
+            raise UserError(f"{args.uri} has no complete checkpoint yet: check the URI with `dmdr ls`.")
+    else:
+        try:
+            step = int(args.step)
+        except ValueError:
+            raise UserError(f"--step '{args.step}' is not 'latest' or a step number.") from None
+    manifest = download_checkpoint(args.uri, step, args.dest, only=args.only, cfg=cfg)
+    print(f"Pulled step {step} ({len(manifest.files)} files, {_human(manifest.size)}, sha256 verified) "
+          f"into {args.dest}")
+    return 0

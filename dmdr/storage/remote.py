@@ -1,0 +1,292 @@
+"""Read runs and checkpoints from the object store; verified, atomic checkpoint downloads."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import botocore.exceptions as bexc
+from s3transfer.manager import TransferManager
+from s3transfer.subscribers import BaseSubscriber
+
+from dmdr.errors import UserError
+from dmdr.storage.client import StorageConfig, make_client, storage_errors, transfer_config
+from dmdr.storage.hashio import file_lock, progress_bar, sha256_file
+from dmdr.storage.layout import (CHECKPOINTS, LATEST_REL, FileEntry, Manifest, in_group, manifest_step,
+                                 marker_rel, step_of)
+from dmdr.storage.uri import S3Uri
+
+
+@dataclass
+class RunInfo:
+    """A run (experiment directory) under a prefix."""
+
+    name: str
+    uri: str
+    latest_step: int | None
+
+
+@dataclass
+class CheckpointInfo:
+    """One checkpoint step seen remotely: manifest size when complete, else bytes present."""
+
+    step: int
+    size: int
+    complete: bool
+    latest: bool = False
+
+
+@dataclass
+class StepObjects:
+    """Objects under checkpoints/ that belong to one step."""
+
+    keys: list[str] = field(default_factory=list)
+    size: int = 0
+    has_manifest: bool = False
+    manifest_time: float = 0.0  # when the manifest was written (store clock, epoch seconds)
+
+
+def _cfg_for(uri: str, cfg: StorageConfig | None) -> StorageConfig:
+    return cfg if cfg is not None else StorageConfig(s3_uri=uri)
+
+
+def iter_objects(client: Any, uri: S3Uri, sub: str = "") -> Iterator[dict]:
+    """Yield the listing entry (Key, Size, LastModified, ETag) of every object below `uri`/`sub`."""
+    prefix = uri.join(sub).prefix if sub else uri.prefix
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=prefix):
+        yield from page.get("Contents", [])
+
+
+def scan_checkpoints(client: Any, exp: S3Uri) -> dict[int, StepObjects]:
+    """Group every object under ``<exp>/checkpoints/`` by checkpoint step (one listing)."""
+    steps: dict[int, StepObjects] = {}
+    for obj in iter_objects(client, exp, CHECKPOINTS):
+        rel = exp.relative(obj["Key"])
+        step = step_of(rel)
+        if step is None:
+            continue
+        entry = steps.setdefault(step, StepObjects())
+        entry.keys.append(obj["Key"])
+        if manifest_step(rel) == step:
+            entry.has_manifest = True
+            entry.manifest_time = obj["LastModified"].timestamp()
+        else:
+            entry.size += int(obj["Size"])
+    return steps
+
+
+def get_json(client: Any, uri: S3Uri) -> Any | None:
+    """The parsed JSON object at `uri`, or None when it does not exist."""
+    try:
+        body = client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
+    except bexc.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+    return json.loads(body)
+
+
+def put_json(client: Any, uri: S3Uri, data: Any) -> None:
+    """Write `data` as a JSON object (a single PUT: readers see all of it or none)."""
+    body = data.to_json() if isinstance(data, Manifest) else json.dumps(data)
+    client.put_object(Bucket=uri.bucket, Key=uri.key, Body=body.encode(), ContentType="application/json")
+
+
+def read_manifest_with(client: Any, exp: S3Uri, step: int) -> Manifest | None:
+    """Step N's remote manifest, or None when the checkpoint is not complete."""
+    data = get_json(client, exp.join(marker_rel(step)))
+    return None if data is None else Manifest.from_json(json.dumps(data), str(exp.join(marker_rel(step))))
+
+
+def latest_pointer(client: Any, exp: S3Uri) -> int | None:
+    """The step `latest.json` names (None when absent or unreadable)."""
+    data = get_json(client, exp.join(LATEST_REL))
+    try:
+        return int(data["step"]) if data else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def latest_complete_with(client: Any, exp: S3Uri) -> int | None:
+    """`latest.json`'s step when its manifest exists, else the newest step with a manifest."""
+    pointed = latest_pointer(client, exp)
+    if pointed is not None and client_has(client, exp.join(marker_rel(pointed))):
+        return pointed
+    complete = [s for s, objs in scan_checkpoints(client, exp).items() if objs.has_manifest]
+    return max(complete) if complete else None
+
+
+def client_has(client: Any, uri: S3Uri) -> bool:
+    """Whether an object exists at `uri`."""
+    try:
+        client.head_object(Bucket=uri.bucket, Key=uri.key)
+        return True
+    except bexc.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return False
+        raise
+
+
+def list_runs(prefix_uri: str, cfg: StorageConfig | None = None) -> list[RunInfo]:
+    """Runs (sub-prefixes) directly under `prefix_uri`, with the step `latest.json` names."""
+    uri = S3Uri.parse(prefix_uri)
+    cfg = _cfg_for(prefix_uri, cfg)
+    client = make_client(cfg)
+    runs = []
+    with storage_errors(cfg, uri):
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=uri.bucket, Prefix=uri.prefix, Delimiter="/")
+        for page in pages:
+            for common in page.get("CommonPrefixes", []):
+                run = S3Uri(uri.bucket, common["Prefix"].rstrip("/"))
+                runs.append(RunInfo(run.name, str(run), latest_pointer(client, run)))
+    return runs
+
+
+def list_checkpoints(exp_uri: str, cfg: StorageConfig | None = None) -> list[CheckpointInfo]:
+    """Every checkpoint step under the run, oldest first, complete or not."""
+    exp = S3Uri.parse(exp_uri)
+    cfg = _cfg_for(exp_uri, cfg)
+    client = make_client(cfg)
+    with storage_errors(cfg, exp):
+        steps = scan_checkpoints(client, exp)
+        latest = latest_pointer(client, exp)
+        infos = []
+        for step in sorted(steps):
+            objs = steps[step]
+            size = objs.size
+            if objs.has_manifest:
+                manifest = read_manifest_with(client, exp, step)
+                size = manifest.size if manifest else size
+            infos.append(CheckpointInfo(step, size, objs.has_manifest, latest == step and objs.has_manifest))
+    return infos
+
+
+def latest_complete(exp_uri: str, cfg: StorageConfig | None = None) -> int | None:
+    """The step to resume from: the complete checkpoint `latest.json` names, else the newest one."""
+    exp = S3Uri.parse(exp_uri)
+    cfg = _cfg_for(exp_uri, cfg)
+    with storage_errors(cfg, exp):
+        return latest_complete_with(make_client(cfg), exp)
+
+
+def download_checkpoint(exp_uri: str, step: int, local_exp_dir: str | Path, only: str = "all",
+                        cfg: StorageConfig | None = None, progress: bool | None = None) -> Manifest:
+    """Download step N into `local_exp_dir` (the experiment directory), verified and atomic.
+
+    Files land in a temporary folder, are checked against the manifest's sizes and sha256, then
+    renamed into place; for ``only="all"`` the local completion marker is written last, so a
+    partial pull never looks like a checkpoint. ``only="generator"|"lora"`` pulls a subset and
+    writes no marker. A lock in `local_exp_dir` makes concurrent callers (every rank of a node)
+    download once: later ones find the marker and return. Returns the manifest of the files
+    pulled. Progress bar only on a TTY (`progress` None), or as forced.
+    """
+    exp = S3Uri.parse(exp_uri)
+    cfg = _cfg_for(exp_uri, cfg)
+    client = make_client(cfg)
+    dest = Path(local_exp_dir)
+    with storage_errors(cfg, exp):
+        manifest = read_manifest_with(client, exp, step)
+        if manifest is None:
+            complete = [s for s, o in sorted(scan_checkpoints(client, exp).items()) if o.has_manifest]
+            raise UserError(
+                f"Checkpoint step {step} under {exp} is not complete (no manifest): pick one of the "
+                f"complete steps {complete or 'none'} (see `dmdr ls {exp}`)."
+            )
+    files = [f for f in manifest.files if in_group(f.path, only)]
+    if not files:
+        raise UserError(f"Checkpoint step {step} under {exp} has no files for --only {only}: use --only all.")
+    pulled = Manifest(manifest.step, files, manifest.world_size, manifest.time, manifest.num_nodes)
+    with file_lock(dest / ".dmdr-pull.lock"):
+        if only == "all" and _present(dest, pulled):
+            return pulled
+        _pull_verified(client, cfg, exp, pulled, dest, write_marker=only == "all", progress=progress)
+    return pulled
+
+
+def _present(dest: Path, manifest: Manifest) -> bool:
+    """Whether `dest` already holds this checkpoint: its marker, and every file at its size."""
+    marker = dest / marker_rel(manifest.step)
+    try:
+        local = Manifest.from_json(marker.read_text(), str(marker))
+    except (FileNotFoundError, UserError):
+        return False
+    return {(f.path, f.sha256) for f in local.files} == {(f.path, f.sha256) for f in manifest.files} and all(
+        (dest / f.path).is_file() and (dest / f.path).stat().st_size == f.size for f in manifest.files)
+
+
+def _pull_verified(client: Any, cfg: StorageConfig, exp: S3Uri, manifest: Manifest, dest: Path, *,
+                   write_marker: bool, progress: bool | None) -> None:
+    step, files = manifest.step, manifest.files
+    tmp = dest / f".dmdr-pull-step-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    marker = dest / marker_rel(step)
+    bar = progress_bar(manifest.size, f"pull step {step}", progress)
+    try:
+        got = _download_all(client, cfg, exp, files, tmp, bar.update if bar else None)
+        for entry, (size, sha) in zip(files, got):
+            if size != entry.size or (entry.sha256 and sha != entry.sha256):
+                raise UserError(
+                    f"Checksum mismatch for {exp.join(entry.path)}: expected {entry.size} bytes with "
+                    f"sha256 {entry.sha256}, got {size} bytes with {sha}; "
+                    "the remote copy is corrupt: pull another step (`dmdr ls`) or re-upload it."
+                )
+        if write_marker:
+            marker.unlink(missing_ok=True)  # invalid while files are being replaced
+        for entry in files:
+            final = dest / entry.path
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / entry.path, final)
+        if write_marker:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            part = marker.with_suffix(".json.tmp")
+            part.write_text(manifest.to_json())
+            os.replace(part, marker)
+    finally:
+        if bar:
+            bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Progress(BaseSubscriber):
+    def __init__(self, update: Callable[[int], object]):
+        self._update = update
+
+    def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+        self._update(bytes_transferred)
+
+
+def download_files(client: Any, cfg: StorageConfig, items: list[tuple[str, str, Path]],
+                   progress: Callable[[int], object] | None = None) -> list[tuple[int, str]]:
+    """Download (bucket, key, local path) items in parallel; return (size, sha256) of each.
+
+    Files are written by s3transfer's parallel ranged GETs, then hashed from the page cache
+    while later files are still downloading.
+    """
+    results = []
+    subscribers = [_Progress(progress)] if progress else []
+    with TransferManager(client, transfer_config(cfg, for_upload=False)) as tm:
+        futures = []
+        for bucket, key, path in items:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            futures.append(tm.download(bucket, key, str(path), subscribers=subscribers))
+        for (_, _, path), future in zip(items, futures):
+            future.result()
+            results.append((path.stat().st_size, sha256_file(path)))
+    return results
+
+
+def _download_all(client: Any, cfg: StorageConfig, exp: S3Uri, files: list[FileEntry], tmp: Path,
+                  progress: Callable[[int], object] | None) -> list[tuple[int, str]]:
+    items = [(exp.bucket, exp.join(entry.path).key, tmp / entry.path) for entry in files]
+    try:
+        with storage_errors(cfg, exp):
+            return download_files(client, cfg, items, progress)
+    except bexc.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            raise UserError(f"A file of the manifest is missing under {exp} ({exc.operation_name}): "
+                            "the checkpoint was damaged after upload; pull another step.") from None
+        raise
