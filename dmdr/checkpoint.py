@@ -81,15 +81,18 @@ class Checkpointer:
     own save/load hooks are set up by the trainer so accelerate skips frozen base weights.
     """
 
-    def __init__(self, run_dir: Path, acc_gen, acc_gui, *, keep_last: int = 0):
+    def __init__(self, run_dir: Path, acc_gen, acc_gui, *, keep_last: int = 0,
+                 protected: Callable[[], set[int]] = set):
         self.run_dir = run_dir
+        self.protected = protected  # steps retention must keep (e.g. still uploading)
         self.dir = run_dir / "checkpoints"
         self.acc_gen, self.acc_gui = acc_gen, acc_gui
         self.keep_last = keep_last
         self.log = get_logger()
 
     # --- saving ------------------------------------------------------------------------
-    def save(self, step: int, units: dict[str, Any], save_adapters: Callable[[Path, Path], None]) -> Path:
+    def save(self, step: int, units: dict[str, Any], save_adapters: Callable[[Path, Path], None],
+             prune: bool = True) -> Path:
         """Write checkpoint ``step`` on every rank; the marker goes last. Returns the marker path."""
         acc = self.acc_gen
         marker = marker_path(self.dir, step)
@@ -116,7 +119,7 @@ class Checkpointer:
             })
         acc.wait_for_everyone()
         self.log.info(f"saved checkpoint step-{step} in {time.perf_counter() - t0:.1f}s: {marker}")
-        if acc.is_local_main_process:
+        if prune and acc.is_local_main_process:
             self.prune()
         return marker
 
@@ -126,7 +129,7 @@ class Checkpointer:
         steps = complete_steps(self.dir)
         if not steps:
             return
-        doomed = set(steps[: -self.keep_last]) if self.keep_last > 0 else set()
+        doomed = set(steps[: -self.keep_last]) - self.protected() if self.keep_last > 0 else set()
         newest = steps[-1]
         for part in (*PARTS, UNITS):
             for p in (self.dir / part).glob("step-*") if (self.dir / part).is_dir() else []:

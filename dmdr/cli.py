@@ -16,10 +16,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg = build_config(flags)  # bad values fail here, before the heavy imports
     from dmdr.train import train
 
-    run_dir = train(cfg)
+    status = train(cfg)
     if _is_main_rank():
-        print(f"outputs: {run_dir}", flush=True)
-    return 0
+        print(f"outputs: {cfg.run_dir}", flush=True)
+    return status
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -49,7 +49,8 @@ def _is_main_rank() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dmdr import config, score
+    from dmdr import config, score, weights
+    from dmdr.storage import cli as storage_cli
 
     parser = argparse.ArgumentParser(prog="dmdr", description="DMDR: one-step SDXL distillation with rewards.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     score.add_parser(sub)
+    storage_cli.add_parsers(sub)
+    sub.choices["ls"].set_defaults(func=storage_cli.run_ls)
+    sub.choices["pull"].set_defaults(func=storage_cli.run_pull)
+    weights.add_parsers(sub)
     return parser
 
 

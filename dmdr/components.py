@@ -33,6 +33,8 @@ def make_accelerators(cfg: TrainConfig) -> tuple[Accelerator, Accelerator]:
     if cfg.report_to != "none":
         kwargs["log_with"] = cfg.report_to
     if cfg.distributed == "fsdp":
+        if not torch.cuda.is_available():
+            raise UserError("--distributed fsdp needs CUDA GPUs (accelerate's FSDP does not run on CPU); use --distributed ddp")
         from accelerate import FullyShardedDataParallelPlugin
 
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(

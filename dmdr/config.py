@@ -1,6 +1,7 @@
 """The training configuration: one typed dataclass, presets, flags, validation.
 
-Precedence (highest first): command-line flag > ``--config FILE`` > ``--preset`` > defaults.
+Precedence (highest first): command-line flag > environment variable (the few options that
+have one, e.g. ``DMDR_S3_URI``) > ``--config FILE`` > ``--preset`` > defaults.
 Every field is a flag with the reference implementation's name (``exp_name`` ->
 ``--exp-name``), and a key of the same name (``exp_name`` or ``exp-name``) in a config file.
 """
@@ -122,6 +123,25 @@ class TrainConfig:
         "finds nothing to resume; counters continue from it."
     )
     log_every: int = _f(1, "Progress line every N generator steps.", min=1)
+
+    # --- object storage (S3, MinIO, Ceph RGW, R2); credentials come from the AWS chain ------
+    s3_uri: str | None = _f(
+        None, "Remote home of runs, s3://bucket/prefix (the run mirrors to <prefix>/<exp-name>/).", env="DMDR_S3_URI"
+    )
+    s3_endpoint_url: str | None = _f(
+        None, "Custom S3 endpoint (MinIO, Ceph, R2); default AWS_ENDPOINT_URL or AWS.", env="DMDR_S3_ENDPOINT_URL"
+    )
+    s3_region: str | None = _f(None, "S3 region (default: the AWS chain, then us-east-1).")
+    s3_path_style: bool = _f(False, "Path-style S3 addressing (most MinIO/Ceph setups).", env="DMDR_S3_PATH_STYLE")
+    sync_interval: float = _f(60.0, "Seconds between uploads of the logs (they are also uploaded at exit).", min=0.0)
+    s3_wait_timeout: float = _f(
+        300.0, "At a checkpoint, wait at most this long for the previous one's upload; then save locally and "
+        "train on (a slow or hung store never stops training).", min=0.0
+    )
+    checkpoint_on_sigterm: bool = _f(False, "On SIGTERM (pod eviction), save a checkpoint before flushing and exiting.")
+    shutdown_grace: float = _f(
+        25.0, "Seconds to flush pending uploads on SIGTERM (torchrun kills workers 30 s after it).", min=0.0
+    )
     report_to: str = _f("none", "Experiment tracker.", choices=("none", "tensorboard"))
 
     # ------------------------------------------------------------------------------------
@@ -205,8 +225,16 @@ def _parse_optional(tp: type):
     return parse
 
 
+def env_values() -> dict[str, Any]:
+    """Options set through their environment variable (e.g. DMDR_S3_URI from the chart)."""
+    import os
+
+    return {name: os.environ[f.metadata["env"]] for name, f in FIELDS.items()
+            if f.metadata.get("env") and os.environ.get(f.metadata["env"])}
+
+
 def build_config(flags: dict[str, Any]) -> TrainConfig:
-    """Merge defaults < preset < config file < flags, then validate."""
+    """Merge defaults < preset < config file < environment < flags, then validate."""
     flags = dict(flags)
     file_values = load_config_file(flags.pop("config")) if "config" in flags else {}
     preset = flags.pop("preset", None) or file_values.pop("preset", None)
@@ -215,6 +243,7 @@ def build_config(flags: dict[str, Any]) -> TrainConfig:
     if preset:
         merged.update({k: v for k, v in load_preset(preset).items() if k != "preset"})
     merged.update(file_values)
+    merged.update(env_values())
     merged.update(flags)
     values = {name: _coerce(name, value) for name, value in merged.items()}
     cfg = TrainConfig(**values)
@@ -257,6 +286,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--resolution: {cfg.resolution} must be a multiple of 8 (the VAE downsamples by 8)")
     if not 0 <= cfg.conditioning_timestep <= 999:
         raise UserError(f"--conditioning-timestep: {cfg.conditioning_timestep} must be in [0, 999]")
+    if cfg.s3_uri is not None and not cfg.s3_uri.startswith("s3://"):
+        raise UserError(f"--s3-uri: {cfg.s3_uri!r} is not an s3://bucket/prefix URI")
     if cfg.resume_ckpt is not None and cfg.resume_ckpt == "":
         raise UserError("--resume-ckpt: give a path, 'latest' or 'auto'")
     for flag, weight, path in (

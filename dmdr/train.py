@@ -5,6 +5,7 @@ SDXL generator. Read top to bottom: ``Trainer.__init__`` sets up, ``fit`` is the
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,12 @@ from dmdr.config import TrainConfig, save_args
 from dmdr.dmd import losses, sampler, timesteps as ts
 from dmdr.logs import JsonlLog, Progress, setup_logging
 from dmdr.models import sdxl
+from dmdr.errors import UserError
 from dmdr.rewards import RewardSet, RewardSpec, check_reward_file
+from dmdr.run_storage import RunStorage
+
+SIGTERM_EXIT = 143  # 128 + SIGTERM: retryable for the training operator, unlike 0 (job done)
+FINAL_UPLOAD_TIMEOUT = 1800.0
 
 
 class Trainer:
@@ -29,6 +35,8 @@ class Trainer:
         self.acc, self.acc_gui = components.make_accelerators(cfg)
         acc = self.acc
         self.device = acc.device
+        self.storage = RunStorage(cfg, self.run_dir, acc)  # preflight: an unreachable store fails now
+        remote_step = self.storage.restore()  # a fresh pod pulls the newest checkpoint and its logs
         self.log = setup_logging(self.run_dir, acc.is_main_process, acc.process_index)
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
@@ -74,11 +82,15 @@ class Trainer:
 
         self.global_step = 0  # generator updates
         self.inner_step = 0  # guidance updates
-        self.ckpt = Checkpointer(self.run_dir, self.acc, self.acc_gui, keep_last=cfg.keep_last)
+        self.ckpt = Checkpointer(self.run_dir, self.acc, self.acc_gui, keep_last=cfg.keep_last,
+                                 protected=self.storage.uploading)
         self.gen_log = JsonlLog(self.run_dir / "loss_logs" / "loss_gen_log.jsonl", key="step")
         self.gui_log = JsonlLog(self.run_dir / "loss_logs" / "loss_gui_log.jsonl", key="inner_step")
         set_seed(cfg.seed + acc.process_index)  # different noise per rank
-        self.resume()
+        resumed = self.resume()
+        self.storage.start(resumed, remote_step)
+        self.stop_signal: int | None = None
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         if cfg.report_to != "none":
             self.acc.init_trackers("dmdr", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
@@ -96,7 +108,7 @@ class Trainer:
         return sdxl.encode_prompts(self.models.parts, prompts, self.device)
 
     # --- the loop ------------------------------------------------------------------------
-    def fit(self) -> None:
+    def fit(self) -> int:
         cfg, acc = self.cfg, self.acc
         self.log.info(
             f"training {cfg.max_train_steps} generator steps from step {self.global_step}: "
@@ -106,6 +118,8 @@ class Trainer:
         progress = Progress(cfg.max_train_steps, self.global_step, self.global_batch)
         last_saved = self.global_step
         while self.global_step < cfg.max_train_steps:
+            if self.stop_requested():
+                return self.shutdown(saved=last_saved == self.global_step)
             prompts = self.stream.next_batch()
             with acc.accumulate(self.gen, self.gui):
                 batch = self.prepare_batch(prompts)
@@ -129,8 +143,35 @@ class Trainer:
             self.save()
         self.check_replicas()
         acc.wait_for_everyone()
+        if not self.storage.close(timeout=FINAL_UPLOAD_TIMEOUT):
+            raise UserError(f"uploads to {cfg.s3_uri} did not finish in {FINAL_UPLOAD_TIMEOUT:.0f}s; "
+                            f"{self.run_dir} has everything: rerun with --resume-ckpt auto once the store is back")
         self.log.info(f"training done at step {self.global_step}; outputs in {self.run_dir}")
         acc.end_training()
+        return 0
+
+    # --- shutdown on SIGTERM (pod eviction, kubectl delete) --------------------------------
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_signal = signum
+
+    def stop_requested(self) -> bool:
+        """Every rank stops at the same step: a signal seen by any rank counts for all."""
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+    def shutdown(self, saved: bool) -> int:
+        cfg = self.cfg
+        self.log.warning(f"SIGTERM received: stopping at generator step {self.global_step}")
+        if cfg.checkpoint_on_sigterm and not saved:
+            self.save()
+        flushed = self.storage.close(timeout=cfg.shutdown_grace)
+        if self.storage.enabled:
+            self.log.warning("SIGTERM: pending uploads " + ("flushed" if flushed else
+                             f"NOT all flushed within {cfg.shutdown_grace:.0f}s (--shutdown-grace)"))
+        self.log.warning(f"SIGTERM: exiting with status {SIGTERM_EXIT}; resume with --resume-ckpt auto")
+        return SIGTERM_EXIT
 
     @property
     def global_batch(self) -> int:
@@ -235,7 +276,7 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         rates = progress.rates(self.global_step) if self.global_step % self.cfg.log_every == 0 else None
-        full = {"step": self.global_step, "inner_step": self.inner_step, **row,
+        full = {"step": self.global_step, "inner_step": self.inner_step - 1, **row,
                 "lr_gen": self.sched_gen.get_last_lr()[0], "time": time.time()}
         if rates:
             full["images_per_s"] = rates["images_per_s"]
@@ -276,6 +317,7 @@ class Trainer:
             out = self.run_dir / "samples" / f"step-{self.global_step:06d}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             save_image(make_grid(images, nrow=max(1, round(math.sqrt(images.shape[0])))), out)
+            self.storage.file_written(out)
             self.log.info(f"samples: {out}")
         return scores
 
@@ -312,9 +354,13 @@ class Trainer:
             if self.cfg.use_lora_gen:
                 sdxl.save_lora(self.acc.unwrap_model(self.gen), gen_dir)
 
-        self.ckpt.save(self.global_step, self.units(), save_adapters)
+        self.storage.before_save()
+        self.ckpt.save(self.global_step, self.units(), save_adapters, prune=False)
+        if self.acc.is_local_main_process:
+            self.storage.after_save(self.global_step)
+            self.ckpt.prune()
 
-    def resume(self) -> None:
+    def resume(self) -> int | None:
         candidates = self.ckpt.resolve(self.cfg.resume_ckpt)
         if not candidates and self.cfg.init_ckpt:
             candidates = self.ckpt.resolve(self.cfg.init_ckpt)
@@ -323,7 +369,7 @@ class Trainer:
             if self.acc.is_main_process:
                 self.gen_log.reset()
                 self.gui_log.reset()
-            return
+            return None
 
         def load_adapters(gen_dir: Path, gui_dir: Path) -> None:
             sdxl.load_lora(self.acc_gui.unwrap_model(self.gui), gui_dir)
@@ -344,6 +390,7 @@ class Trainer:
             self.gen_log.truncate_after(self.global_step)
             self.gui_log.truncate_after(self.inner_step - 1)
         self.log.info(f"resumed from {ckpt_dir}/step-{step}: generator step {self.global_step}, inner step {self.inner_step}")
+        return self.global_step if ckpt_dir == self.ckpt.dir else None
 
 
 def data_path(spec: str) -> str:
@@ -355,7 +402,6 @@ def data_path(spec: str) -> str:
     return components.resolve_input_file(spec, "--data-path-train")
 
 
-def train(cfg: TrainConfig) -> Path:
-    trainer = Trainer(cfg)
-    trainer.fit()
-    return trainer.run_dir
+def train(cfg: TrainConfig) -> int:
+    """Train; returns the exit status (0, or 143 after a SIGTERM stop)."""
+    return Trainer(cfg).fit()

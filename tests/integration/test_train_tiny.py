@@ -97,3 +97,13 @@ def test_sample_and_export(run6, cache, tmp_path):
     trained = load_file(str(run / "checkpoints" / "accelerator_1" / f"step-{latest}" / "model.safetensors"))
     for k, v in unet.state_dict().items():
         assert torch.equal(v, trained[k]), k
+
+
+def test_keep_last_retention(tmp_path, cache):
+    run_dmdr(tiny_args(tmp_path, "k", cache, "--max-train-steps", "4", "--checkpoint-steps", "1",
+                       "--sample-steps", "100", "--keep-last", "2"), cache)
+    ck = tmp_path / "k" / "checkpoints"
+    assert sorted(p.name for p in ck.glob("step-*.complete.json")) == ["step-3.complete.json", "step-4.complete.json"]
+    for part in ("accelerator_1", "accelerator_2", "lora_gui"):
+        assert sorted(p.name for p in (ck / part).iterdir()) == ["step-3", "step-4"]
+    assert sorted(p.name for p in (ck / "torch_units").iterdir()) == ["step-3.pt", "step-4.pt"]

@@ -91,3 +91,16 @@ def test_args_json_roundtrip(tmp_path):
     cfg = parse(["--preset", "tiny", "--output-dir", str(tmp_path)])
     config.save_args(cfg, tmp_path / "args.json")
     assert json.loads((tmp_path / "args.json").read_text())["resolution"] == 64
+
+
+def test_environment_sits_between_file_and_flags(tmp_path, monkeypatch):
+    f = tmp_path / "c.yaml"
+    f.write_text("s3_uri: s3://from-file/p\n")
+    monkeypatch.setenv("DMDR_S3_URI", "s3://from-env/p")
+    monkeypatch.setenv("DMDR_S3_PATH_STYLE", "true")
+    cfg = parse(["--config", str(f)])
+    assert cfg.s3_uri == "s3://from-env/p" and cfg.s3_path_style is True
+    assert parse(["--config", str(f), "--s3-uri", "s3://flag/p"]).s3_uri == "s3://flag/p"
+    monkeypatch.setenv("DMDR_S3_URI", "http://not-s3")
+    with pytest.raises(UserError, match="--s3-uri"):
+        parse([])

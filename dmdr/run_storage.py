@@ -1,0 +1,134 @@
+"""The trainer's side of object storage: preflight, resume from S3, background sync.
+
+`RunStorage` wraps one `dmdr.storage.Syncer` per node (on the node's local main process) and
+keeps the trainer free of S3 details: the trainer calls `restore`, `before_save`, `after_save`,
+`file_written` and `close`. Without ``--s3-uri`` every call is a no-op.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from accelerate.utils import broadcast_object_list
+
+from dmdr.checkpoint import complete_steps
+from dmdr.config import TrainConfig
+from dmdr.logs import get_logger
+
+# Log files restored from the store when a fresh pod resumes there (so they continue, not restart).
+RESTORED_LOGS = ("log.txt", "loss_logs/loss_gen_log.jsonl", "loss_logs/loss_gui_log.jsonl")
+
+
+class RunStorage:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, acc):
+        self.cfg, self.run_dir, self.acc = cfg, run_dir, acc
+        self.syncer = None
+        self.pulled: int | None = None  # the step restore() downloaded, if any
+        self.submitted: set[int] = set()
+        self.enabled = bool(cfg.s3_uri)
+        if not self.enabled:
+            return
+        from dmdr.storage.client import StorageConfig, preflight
+        from dmdr.storage.uri import S3Uri
+
+        self.storage_cfg = StorageConfig(s3_uri=cfg.s3_uri, endpoint_url=cfg.s3_endpoint_url,
+                                         region=cfg.s3_region, path_style=cfg.s3_path_style)
+        self.remote = str(S3Uri.parse(cfg.s3_uri).join(cfg.exp_name))
+        if acc.is_local_main_process:
+            preflight(self.storage_cfg)  # fails in seconds with one clear message
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+        self.num_nodes = max(1, acc.num_processes // max(local_world, 1))
+        self.node_rank = int(os.environ.get("GROUP_RANK", acc.process_index // max(local_world, 1)))
+        attempt = [uuid.uuid4().hex if acc.is_main_process else None]
+        if acc.num_processes > 1:
+            broadcast_object_list(attempt, from_process=0)
+        self.attempt = attempt[0]
+
+    # --- resume --------------------------------------------------------------------------
+    def restore(self) -> int | None:
+        """When the store holds a newer complete checkpoint than the local run directory, pull it
+        (once per node, verified) and the logs that go with it. Returns the remote latest step."""
+        if not self.enabled or self.cfg.resume_ckpt not in ("auto", "latest"):
+            return None
+        from dmdr.storage.remote import download_checkpoint, latest_complete
+
+        remote_step = latest_complete(self.remote, self.storage_cfg)
+        local = complete_steps(self.run_dir / "checkpoints")
+        if remote_step is not None and (not local or remote_step > local[-1]):
+            if self.acc.is_local_main_process:
+                if not local:
+                    self._restore_logs()
+                download_checkpoint(self.remote, remote_step, self.run_dir, cfg=self.storage_cfg, progress=False)
+            self.acc.wait_for_everyone()
+            self.pulled = remote_step
+        return remote_step
+
+    def _restore_logs(self) -> None:
+        from dmdr.storage.client import make_client
+        from dmdr.storage.uri import S3Uri
+
+        client = make_client(self.storage_cfg)
+        remote = S3Uri.parse(self.remote)
+        for rel in RESTORED_LOGS:
+            dest = self.run_dir / rel
+            if dest.exists():
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            obj = remote.join(rel)
+            try:
+                body = client.get_object(Bucket=obj.bucket, Key=obj.key)["Body"].read()
+            except client.exceptions.NoSuchKey:
+                continue
+            tmp = dest.with_name(dest.name + ".tmp")
+            tmp.write_bytes(body)
+            tmp.replace(dest)
+
+    def start(self, resumed_step: int | None, remote_step: int | None) -> None:
+        """Start the background syncer (after resume, so restored files are not re-uploaded
+        needlessly); drop remote leftovers of a killed attempt above the resumed step, and upload
+        the resumed checkpoint if the store does not have it yet."""
+        if self.pulled is not None:
+            get_logger().info(f"pulled checkpoint step-{self.pulled} from {self.remote} (verified)")
+        if not self.enabled or not self.acc.is_local_main_process:
+            return
+        from dmdr.storage.syncer import Syncer
+
+        self.syncer = Syncer(self.run_dir, self.remote, self.storage_cfg,
+                             keep_last=self.cfg.keep_last or None, sync_interval=self.cfg.sync_interval,
+                             node_rank=self.node_rank, num_nodes=self.num_nodes, attempt=self.attempt)
+        if self.node_rank == 0:
+            self.syncer.discard_after(resumed_step)
+        if resumed_step is not None and (remote_step is None or remote_step < resumed_step):
+            self.after_save(resumed_step)
+        self.syncer.sync_logs()
+        get_logger().info(f"syncing {self.run_dir} to {self.remote}")
+
+    # --- during training ------------------------------------------------------------------
+    def before_save(self) -> None:
+        """The previous checkpoint's upload must finish before the next save (unless the store is down)."""
+        if self.syncer is not None and not self.syncer.wait_checkpoint(timeout=self.cfg.s3_wait_timeout):
+            get_logger().warning(
+                f"WARNING: the previous checkpoint is not uploaded yet (store slow or down); saving locally and "
+                f"training on: the newest checkpoint is uploaded when {self.remote} answers again")
+
+    def after_save(self, step: int) -> None:
+        if self.syncer is not None:
+            self.submitted.add(step)
+            self.syncer.submit_checkpoint(step)
+
+    def uploading(self) -> set[int]:
+        """Checkpoints submitted but neither uploaded nor replaced yet: local retention keeps them."""
+        if self.syncer is None:
+            return set()
+        return self.submitted - set(self.syncer.uploaded_checkpoints) - set(self.syncer.abandoned_checkpoints)
+
+    def file_written(self, path: Path) -> None:
+        if self.syncer is not None:
+            self.syncer.upload(path.relative_to(self.run_dir).as_posix())
+
+    def close(self, timeout: float | None) -> bool:
+        """Upload what is pending (logs included) within ``timeout`` seconds; True when all went."""
+        if self.syncer is None:
+            return True
+        return self.syncer.close(timeout)
