@@ -237,8 +237,13 @@ def _local_pod(job, rtype, index, root, configmaps, secrets, host, job_name) -> 
     container = next(c for c in spec["containers"] if c["name"] == "pytorch")
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     mounts: dict[str, Path] = {}
-    for mount in container.get("volumeMounts", []):
-        folder = root / pod_name / mount["name"]
+    # Parents first, so a mount inside another (/home/dmdr/.cache in /home/dmdr) becomes the
+    # same sub-folder of its parent's folder, as the path resolves inside the container.
+    for mount in sorted(container.get("volumeMounts", []), key=lambda m: m["mountPath"].count("/")):
+        path = mount["mountPath"].rstrip("/")
+        parent = max((m for m in mounts if path.startswith(m + "/")), key=len, default=None)
+        folder = (mounts[parent] / path[len(parent) + 1:] if parent
+                  else root / pod_name / mount["name"])
         folder.mkdir(parents=True, exist_ok=True)
         mounts[mount["mountPath"]] = folder
     for mount in container.get("volumeMounts", []):

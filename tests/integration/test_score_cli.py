@@ -47,7 +47,7 @@ def test_score_cli_writes_json_and_csv(setup, tmp_path):
     out = tmp_path / "report" / "scores.csv"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "dmdr.score", *_args(base, tiny, "--magic-prompt", "Realistic photo",
+        [sys.executable, "-m", "dmdr", "score", *_args(base, tiny, "--magic-prompt", "Realistic photo",
                                                        "--batch-size", "3", "--out", str(out))],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -87,7 +87,7 @@ def test_score_cli_count_mismatch_is_a_clear_error(setup, tmp_path):
     args = _args(base, tiny, "--out", str(tmp_path / "s.json"))
     args[args.index("--prompts") + 1] = str(prompts)
     proc = subprocess.run(
-        [sys.executable, "-m", "dmdr.score", *args], cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-m", "dmdr", "score", *args], cwd=tmp_path, capture_output=True, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
     )
     assert proc.returncode == 2
