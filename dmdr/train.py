@@ -198,21 +198,14 @@ class Trainer:
 
     def guidance_step(self, b: dict[str, Any]) -> dict[str, float]:
         """Fit the fake score (the guidance LoRA at scale --lora-scale-f) to the generator's outputs."""
-        cfg = self.cfg
         self.gui.train()
-        t = ts.sample_continuous(b["x_clean"].shape[0], self.s_type_gui, cfg.gui_a, cfg.gui_b,
-                                 self.global_step, cfg.dynamic_step).to(self.device)
+        t = self.score_timesteps(b["x_clean"].shape[0])
         noise = torch.randn_like(b["x_clean"])
         x_t = sampler.add_noise(b["x_clean"], noise, t, self.alphas)
         with self.acc_gui.autocast():
-            loss = losses.guidance_loss(self.eps(self.gui, x_t, t, b["embeds"], lora_scale=cfg.lora_scale_f).float(), noise)
-        self.acc_gui.backward(loss)
-        if self.acc_gui.sync_gradients and cfg.max_grad_norm > 0:
-            self.acc_gui.clip_grad_norm_(self.gui.parameters(), cfg.max_grad_norm)
-        self.opt_gui.step()
-        self.sched_gui.step()
-        self.opt_gui.zero_grad(set_to_none=True)
-        self.opt_gen.zero_grad(set_to_none=True)
+            eps = self.eps(self.gui, x_t, t, b["embeds"], lora_scale=self.cfg.lora_scale_f)
+            loss = losses.guidance_loss(eps.float(), noise)
+        self.update(self.acc_gui, self.gui, self.opt_gui, self.sched_gui, loss)
         return {"loss_gui": loss.detach()}
 
     def generator_step(self, b: dict[str, Any]) -> dict[str, Any]:
@@ -233,8 +226,7 @@ class Trainer:
             loss = loss + reward_loss
             logs.update(reward_logs)
 
-        t = ts.sample_continuous(x0.shape[0], self.s_type_gui, cfg.gui_a, cfg.gui_b,
-                                 self.global_step, cfg.dynamic_step).to(self.device)
+        t = self.score_timesteps(x0.shape[0])
         x_t = sampler.add_noise(x0.detach(), torch.randn_like(x0), t, self.alphas)
         real_scale = ts.real_score_lora_scale(cfg.lora_scale_r, self.global_step, cfg.dynamic_step)
         with torch.no_grad(), self.acc.autocast():
@@ -246,15 +238,26 @@ class Trainer:
         x0_real = sampler.x0_from_eps(x_t, eps_real.float(), t, self.alphas)
         loss_dmd, _ = losses.dmd_loss(x0, x0_real, x0_fake)
         loss = loss + loss_dmd
-        self.acc.backward(loss)
-        if self.acc.sync_gradients and cfg.max_grad_norm > 0:
-            self.acc.clip_grad_norm_(self.gen.parameters(), cfg.max_grad_norm)
-        self.opt_gen.step()
-        self.sched_gen.step()
-        self.opt_gen.zero_grad(set_to_none=True)
-        self.opt_gui.zero_grad(set_to_none=True)
+        self.update(self.acc, self.gen, self.opt_gen, self.sched_gen, loss)
         logs.update({"loss_gen": loss.detach(), "loss_dmd": loss_dmd.detach(), "real_lora_scale": real_scale})
         return logs
+
+    def score_timesteps(self, n: int) -> torch.Tensor:
+        """Continuous timesteps for the guidance fit and the DMD scores (--s-type-gui, --gui-a/b)."""
+        cfg = self.cfg
+        return ts.sample_continuous(n, self.s_type_gui, cfg.gui_a, cfg.gui_b, self.global_step,
+                                    cfg.dynamic_step).to(self.device)
+
+    def update(self, acc, model, optimizer, scheduler, loss: torch.Tensor) -> None:
+        """Backward, clip, step; then clear BOTH optimisers' gradients, so neither model keeps
+        gradients from the other's loss (the DMD loss never trains the guidance LoRA)."""
+        acc.backward(loss)
+        if acc.sync_gradients and self.cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        self.opt_gen.zero_grad(set_to_none=True)
+        self.opt_gui.zero_grad(set_to_none=True)
 
     # --- logs, samples, checkpoints ---------------------------------------------------
     def _reduce(self, logs: dict[str, Any]) -> dict[str, float]:
