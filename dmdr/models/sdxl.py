@@ -67,6 +67,24 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+_DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                    "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def _build_tiny(path: Path) -> Path:
+    """Build the tiny pipeline; inside a distributed job (RANK set) in a clean subprocess, because
+    transformers' save_pretrained writes nothing on a process whose global rank is not 0."""
+    if "RANK" not in os.environ or os.environ.get("RANK") == "0":
+        return build_tiny_sdxl(path)
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
+    code = "import sys; from dmdr.models.tiny import build_tiny_sdxl; build_tiny_sdxl(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, str(path)], env=env, check=True)
+    return build_tiny_sdxl(path)  # now complete: returns at once
+
+
 def resolve_pretrained(spec: str, cache_dir: Path) -> Path:
     """Turn `--pretrained-model` into a local diffusers SDXL folder.
 
@@ -76,7 +94,7 @@ def resolve_pretrained(spec: str, cache_dir: Path) -> Path:
     """
     cache_dir = Path(cache_dir)
     if spec == "builtin:tiny":
-        return build_tiny_sdxl(cache_dir / f"tiny-sdxl-v{TINY_SPEC_VERSION}")
+        return _build_tiny(cache_dir / f"tiny-sdxl-v{TINY_SPEC_VERSION}")
     scheme, sep, _ = spec.partition("://")
     if sep:
         if scheme not in PRETRAINED_RESOLVERS:
