@@ -45,6 +45,13 @@ def complete_steps(ckpt_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in ckpt_dir.iterdir() if (m := _MARKER_RE.match(p.name)))
 
 
+def loadable_steps(ckpt_dir: Path) -> list[int]:
+    """Complete steps whose files are on THIS machine. On a multi-node run without a shared
+    filesystem a node other than the first holds only its own RNG states and a marker; its
+    checkpoints are not loadable there (resume pulls them from the store instead)."""
+    return [s for s in complete_steps(ckpt_dir) if (ckpt_dir / UNITS / f"step-{s}.pt").is_file()]
+
+
 def step_paths(ckpt_dir: Path, step: int) -> list[Path]:
     """Every path that belongs to checkpoint ``step`` (existing or not)."""
     return [ckpt_dir / part / f"step-{step}" for part in PARTS] + [ckpt_dir / UNITS / f"step-{step}.pt"]
@@ -147,13 +154,13 @@ class Checkpointer:
     def resolve(self, spec: str | None) -> list[tuple[Path, int]]:
         """Candidates ``(checkpoints_dir, step)`` for ``--resume-ckpt``, newest first.
 
-        ``auto``: every complete checkpoint of this run, newest first (empty: start fresh);
+        ``auto``: every loadable checkpoint of this run, newest first (empty: start fresh);
         ``latest``: the same but an error when there is none; a path: exactly that checkpoint.
         """
         if spec is None:
             return []
         if spec in ("auto", "latest"):
-            steps = complete_steps(self.dir)
+            steps = loadable_steps(self.dir)
             if not steps and spec == "latest":
                 raise UserError(
                     f"--resume-ckpt latest: no complete checkpoint in {self.dir}; "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
-from dmdr.checkpoint import complete_steps
+from dmdr.checkpoint import complete_steps, loadable_steps
 from dmdr.config import TrainConfig
 from dmdr.logs import get_logger
 
@@ -25,6 +25,7 @@ class RunStorage:
         self.cfg, self.run_dir, self.acc = cfg, run_dir, acc
         self.syncer = None
         self.pulled: int | None = None  # the step restore() downloaded, if any
+        self.remote_latest: int | None = None
         self.submitted: set[int] = set()
         self.enabled = bool(cfg.s3_uri)
         if not self.enabled:
@@ -47,22 +48,38 @@ class RunStorage:
 
     # --- resume --------------------------------------------------------------------------
     def restore(self) -> int | None:
-        """When the store holds a newer complete checkpoint than the local run directory, pull it
-        (once per node, verified) and the logs that go with it. Returns the remote latest step."""
+        """Settle, across all nodes, the step to resume from and make it loadable everywhere.
+
+        The step is the newest one that every node has locally (loadable) or that the store has
+        complete; a node lacking it pulls it (once per node, sha256-verified), with the logs when
+        its run directory is empty. Every rank takes part, so the barriers match. Returns the
+        agreed step (None: nothing to resume) and remembers the store's latest for `start`.
+        """
         if not self.enabled or self.cfg.resume_ckpt not in ("auto", "latest"):
             return None
-        from dmdr.storage.remote import download_checkpoint, latest_complete
+        from accelerate.utils import gather_object
 
-        remote_step = latest_complete(self.remote, self.storage_cfg)
-        local = complete_steps(self.run_dir / "checkpoints")
-        if remote_step is not None and (not local or remote_step > local[-1]):
-            if self.acc.is_local_main_process:
-                if not local:
-                    self._restore_logs()
-                download_checkpoint(self.remote, remote_step, self.run_dir, cfg=self.storage_cfg, progress=False)
-            self.acc.wait_for_everyone()
-            self.pulled = remote_step
-        return remote_step
+        from dmdr.storage.remote import download_checkpoint, list_checkpoints
+
+        local = loadable_steps(self.run_dir / "checkpoints")
+        per_rank = gather_object([local]) if self.acc.num_processes > 1 else [local]
+        remote = [None]
+        if self.acc.is_main_process:
+            remote = [sorted(c.step for c in list_checkpoints(self.remote, self.storage_cfg) if c.complete)]
+        if self.acc.num_processes > 1:
+            broadcast_object_list(remote, from_process=0)
+        remote_steps = set(remote[0])
+        self.remote_latest = max(remote_steps, default=None)
+        common = [s for s in set().union(remote_steps, *map(set, per_rank))
+                  if all(s in remote_steps or s in steps for steps in per_rank)]
+        target = max(common, default=None)
+        if target is not None and target not in local and self.acc.is_local_main_process:
+            if not complete_steps(self.run_dir / "checkpoints"):
+                self._restore_logs()
+            download_checkpoint(self.remote, target, self.run_dir, cfg=self.storage_cfg, progress=False)
+            self.pulled = target
+        self.acc.wait_for_everyone()
+        return target
 
     def _restore_logs(self) -> None:
         from dmdr.storage.client import make_client
@@ -84,7 +101,7 @@ class RunStorage:
             tmp.write_bytes(body)
             tmp.replace(dest)
 
-    def start(self, resumed_step: int | None, remote_step: int | None) -> None:
+    def start(self, resumed_step: int | None) -> None:
         """Start the background syncer (after resume, so restored files are not re-uploaded
         needlessly); drop remote leftovers of a killed attempt above the resumed step, and upload
         the resumed checkpoint if the store does not have it yet."""
@@ -99,6 +116,7 @@ class RunStorage:
                              node_rank=self.node_rank, num_nodes=self.num_nodes, attempt=self.attempt)
         if self.node_rank == 0:
             self.syncer.discard_after(resumed_step)
+        remote_step = self.remote_latest
         if resumed_step is not None and (remote_step is None or remote_step < resumed_step):
             self.after_save(resumed_step)
         self.syncer.sync_logs()

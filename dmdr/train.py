@@ -36,7 +36,7 @@ class Trainer:
         acc = self.acc
         self.device = acc.device
         self.storage = RunStorage(cfg, self.run_dir, acc)  # preflight: an unreachable store fails now
-        remote_step = self.storage.restore()  # a fresh pod pulls the newest checkpoint and its logs
+        self.agreed_step = self.storage.restore()  # all nodes settle a step; a fresh pod pulls it and its logs
         self.log = setup_logging(self.run_dir, acc.is_main_process, acc.process_index)
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
@@ -88,7 +88,7 @@ class Trainer:
         self.gui_log = JsonlLog(self.run_dir / "loss_logs" / "loss_gui_log.jsonl", key="inner_step")
         set_seed(cfg.seed + acc.process_index)  # different noise per rank
         resumed = self.resume()
-        self.storage.start(resumed, remote_step)
+        self.storage.start(resumed)
         self.stop_signal: int | None = None
         signal.signal(signal.SIGTERM, self._on_sigterm)
         if cfg.report_to != "none":
@@ -364,7 +364,14 @@ class Trainer:
             self.ckpt.prune()
 
     def resume(self) -> int | None:
-        candidates = self.ckpt.resolve(self.cfg.resume_ckpt)
+        cfg = self.cfg
+        if self.storage.enabled and cfg.resume_ckpt in ("auto", "latest"):
+            # every node resumes the step they agreed on, pulled from the store where missing
+            candidates = [] if self.agreed_step is None else [(self.ckpt.dir, self.agreed_step)]
+            if not candidates and cfg.resume_ckpt == "latest":
+                raise UserError(f"--resume-ckpt latest: no complete checkpoint in {self.run_dir} or {self.storage.remote}")
+        else:
+            candidates = self.ckpt.resolve(cfg.resume_ckpt)
         if not candidates and self.cfg.init_ckpt:
             candidates = self.ckpt.resolve(self.cfg.init_ckpt)
             self.log.info(f"nothing to resume in {self.run_dir}: starting from --init-ckpt {self.cfg.init_ckpt}")
