@@ -269,7 +269,7 @@ def _local_pod(job, rtype, index, root, configmaps, secrets, host, job_name) -> 
         env[key] = value
 
     command = container["command"] + container.get("args", [])
-    if command[0] == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run"] + command[1:]
-    argv = [_rewrite(arg, mounts) for arg in command]
+    argv = [_rewrite(arg, mounts) for arg in command]  # container paths -> this pod's folders
+    if argv[0] == "torchrun":  # this interpreter, wherever it lives (after the rewrite: /tmp may be a mount)
+        argv = [sys.executable, "-m", "torch.distributed.run"] + argv[1:]
     return LocalReplica(pod_name, argv, env, mounts)

@@ -172,6 +172,13 @@ spec:
   value: /home/dmdr/.cache/triton
 - name: TORCHINDUCTOR_CACHE_DIR
   value: /home/dmdr/.cache/torchinductor
+{{- if $v.elastic.enabled }}
+{{- /* torchrun shares its rendezvous TCP store across rounds by default: a replaced pod's
+       agent then joins a later round and waits forever for a master address that the
+       surviving rank-0 agent never republishes. One store per round avoids the hang. */}}
+- name: TORCH_DISABLE_SHARE_RDZV_TCP_STORE
+  value: "1"
+{{- end }}
 {{- if eq $v.distributed.backend "nccl" }}
 - name: NCCL_DEBUG
   value: {{ $v.nccl.debug | quote }}
