@@ -1,6 +1,7 @@
 """The trainer with object storage, over real HTTP to a moto S3 server: upload, resume from S3
-in an empty directory, SIGTERM flush, store outage mid-run, fast preflight failure."""
+in an empty directory, SIGTERM flush, store outage mid-run, kill -9 mid-upload, fast preflight failure."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -105,3 +106,31 @@ def test_unreachable_store_fails_fast(tmp_path):
     assert "127.0.0.1:9" in proc.stderr and "Traceback" not in proc.stderr
     assert "SECRET-XYZ" not in proc.stdout + proc.stderr
     assert not (tmp_path / "u" / "checkpoints").exists()
+
+
+def test_kill_9_mid_upload_resumes_from_the_previous_complete_checkpoint(tmp_path, moto, bucket):
+    cache = tmp_path / "cache"
+    run_dmdr(tiny_args(tmp_path / "warm", "w", cache, "--max-train-steps", "1"), cache)
+    cmd = DMDR + tiny_args(tmp_path / "pod1", "k", cache, "--max-train-steps", "100000", "--checkpoint-steps", "2",
+                           "--sample-steps", "1000", "--s3-wait-timeout", "1", *s3_args(moto, bucket))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env(cache, **aws_env()), cwd=REPO, start_new_session=True)
+    log = tmp_path / "pod1" / "k" / "log.txt"
+    try:
+        wait_for(lambda: log.exists() and "Checkpoint step 2 uploaded" in log.read_text(), timeout=300,
+                 what="checkpoint 2 uploaded")
+        moto.pause()  # the next upload hangs mid-way ...
+        wait_for(lambda: (tmp_path / "pod1" / "k" / "checkpoints" / "step-4.complete.json").exists(),
+                 timeout=300, what="checkpoint 4 saved locally")
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGKILL)  # ... and the trainer dies with it in flight
+        proc.wait(timeout=60)
+    finally:
+        moto.resume()
+    assert remote_json(moto, bucket, "runs/k/checkpoints/latest.json")["step"] == 2
+    # a new pod with an empty disk resumes from the last COMPLETE checkpoint in the store
+    proc2 = run_dmdr(tiny_args(tmp_path / "pod2", "k", cache, "--max-train-steps", "5", "--checkpoint-steps", "2",
+                               "--sample-steps", "1000", "--resume-ckpt", "auto", *s3_args(moto, bucket)),
+                     cache, **aws_env())
+    assert "pulled checkpoint step-2" in proc2.stdout and "generator step 2," in proc2.stdout
+    assert remote_json(moto, bucket, "runs/k/checkpoints/latest.json")["step"] == 5
