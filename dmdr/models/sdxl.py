@@ -390,8 +390,7 @@ def load_lora(unet: torch.nn.Module, directory: str | Path) -> None:
                 f"{key}={ours[key]}; resume with the same --lora-rank/--use-lora-gen settings"
             )
     params = _lora_params(unet)
-    missing, unexpected = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
-    bad_shape = [k for k in params.keys() & saved.keys() if params[k].shape != saved[k].shape]
+    missing, unexpected, bad_shape = _mismatch(params, saved)
     if missing or unexpected or bad_shape:
         raise UserError(
             f"LoRA in {directory} does not fit this UNet: missing {missing[:3]}, unexpected "
@@ -400,6 +399,13 @@ def load_lora(unet: torch.nn.Module, directory: str | Path) -> None:
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(saved[key].to(device=param.device, dtype=param.dtype))
+
+
+def _mismatch(ours: dict[str, Tensor], theirs: dict[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """Keys missing from `theirs`, keys only in `theirs`, and shared keys of another shape."""
+    missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+    bad_shape = sorted(k for k in ours.keys() & theirs.keys() if ours[k].shape != theirs[k].shape)
+    return missing, unexpected, bad_shape
 
 
 # ----------------------------------------------------------------------------- ODE init
@@ -434,9 +440,7 @@ def load_ode_init(unet: torch.nn.Module, path: str) -> None:
     model = unwrap(unet)
     if has_lora(model):
         raise ValueError("load_ode_init must run before a LoRA is added to the UNet")
-    ours = model.state_dict()
-    missing, unexpected = sorted(ours.keys() - state.keys()), sorted(state.keys() - ours.keys())
-    bad_shape = [k for k in ours.keys() & state.keys() if ours[k].shape != state[k].shape]
+    missing, unexpected, bad_shape = _mismatch(model.state_dict(), state)
     if missing or unexpected or bad_shape:
         raise UserError(
             f"ODE init file {file} does not match the UNet: {len(missing)} missing keys {missing[:3]}, "
