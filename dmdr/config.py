@@ -203,7 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field. Defaults are suppressed so only flags given by the user are seen."""
     parser.add_argument("--preset", default=argparse.SUPPRESS, help=f"Preset: {', '.join(preset_names())}.")
     parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML file of options (same names as the flags).")
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    group = parser.add_argument_group("training options")
     for name, f in FIELDS.items():
         tp = _base_type(name)
         flag = "--" + name.replace("_", "-")
@@ -213,7 +213,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kw["type"] = _parse_optional(tp) if _TYPES[name] != tp else tp
             kw["metavar"] = tp.__name__.upper()
-        group = groups.setdefault("options", parser.add_argument_group("training options"))
         group.add_argument(flag, **kw)
 
 
