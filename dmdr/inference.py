@@ -59,18 +59,26 @@ def load_generator(cfg: TrainConfig, run_dir: Path, step: int, device: torch.dev
 
 
 @torch.no_grad()
-def sample_images(cfg: TrainConfig, parts: sdxl.SDXLParts, unet, prompts: list[str], seed: int,
-                  device: torch.device) -> torch.Tensor:
-    """Images in [0, 1] for ``prompts`` with fixed per-prompt seeds."""
-    grid = ts.generator_timesteps(cfg.sample_num_steps, cfg.shift, cfg.conditioning_timestep)
-    pe, pooled = sdxl.encode_prompts(parts, prompts, device)
-    lat = cfg.resolution // 8
+def seeded_images(denoise, vae, alphas_cumprod, grid, prompts: list[str], seed: int, resolution: int,
+                  device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Images in [0, 1] from the few-step sampler, with a fixed noise seed per prompt (the same
+    prompt gives the same image at every sample step and in `dmdr sample`)."""
+    lat = resolution // 8
     noise = torch.stack([torch.randn((4, lat, lat), generator=torch.Generator().manual_seed(data.prompt_seed(p, seed)))
                          for p in prompts]).to(device)
-    all_x0, _ = sampler.backward_simulation(
-        lambda x, t: sdxl.predict_eps(unet, x, t, pe, pooled, cfg.resolution), noise, grid, parts.alphas_cumprod,
-        generator=torch.Generator().manual_seed(seed))
-    return sdxl.decode_to_images(parts.vae, all_x0[-1]).float()
+    all_x0, _ = sampler.backward_simulation(denoise, noise, grid, alphas_cumprod,
+                                            generator=torch.Generator().manual_seed(seed))
+    x0 = all_x0[-1] if dtype is None else all_x0[-1].to(dtype)
+    return sdxl.decode_to_images(vae, x0).float()
+
+
+def sample_images(cfg: TrainConfig, parts: sdxl.SDXLParts, unet, prompts: list[str], seed: int,
+                  device: torch.device) -> torch.Tensor:
+    """Images in [0, 1] for ``prompts`` from a loaded generator."""
+    grid = ts.generator_timesteps(cfg.sample_num_steps, cfg.shift, cfg.conditioning_timestep)
+    pe, pooled = sdxl.encode_prompts(parts, prompts, device)
+    return seeded_images(lambda x, t: sdxl.predict_eps(unet, x, t, pe, pooled, cfg.resolution), parts.vae,
+                         parts.alphas_cumprod, grid, prompts, seed, cfg.resolution, device)
 
 
 def sample_to_dir(run_dir: Path, step: str, prompts: list[str], out_dir: Path, seed: int, device: str = "cpu") -> list[Path]:

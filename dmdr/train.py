@@ -14,7 +14,7 @@ import torch
 from accelerate.utils import set_seed
 from torchvision.utils import make_grid, save_image
 
-from dmdr import components, data
+from dmdr import components, data, inference
 from dmdr.checkpoint import Checkpointer
 from dmdr.config import TrainConfig, save_args
 from dmdr.dmd import losses, sampler, timesteps as ts
@@ -304,16 +304,10 @@ class Trainer:
         cfg, m = self.cfg, self.models
         prompts = self.sample_prompts
         embeds = self.encode(prompts)
-        noise = torch.stack([
-            torch.randn((4, cfg.resolution // 8, cfg.resolution // 8),
-                        generator=torch.Generator().manual_seed(data.prompt_seed(p, cfg.seed)))
-            for p in prompts]).to(self.device)
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.gen.eval()
         with self.acc.autocast():
-            all_x0, _ = sampler.backward_simulation(lambda x, t: self.eps(self.gen, x, t, embeds), noise,
-                                                    self.grid, self.alphas, generator=gen)
-            images = sdxl.decode_to_images(m.parts.vae, all_x0[-1].to(m.dtype)).float()
+            images = inference.seeded_images(lambda x, t: self.eps(self.gen, x, t, embeds), m.parts.vae, self.alphas,
+                                             self.grid, prompts, cfg.seed, cfg.resolution, self.device, m.dtype)
         scores = self.sample_scores(images, prompts)
         images = self.acc.gather(images.contiguous())
         if self.acc.is_main_process:
