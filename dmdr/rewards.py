@@ -440,6 +440,16 @@ class RewardSet:
         self._device: torch.device | None = None
         self._models: dict[str, RewardModel] | None = None
 
+    @classmethod
+    def from_models(cls, specs: list[RewardSpec], models: dict[str, RewardModel],
+                    device: torch.device | str, dtype: torch.dtype) -> RewardSet:
+        """A set over models already built (benchmarks with random weights; tests)."""
+        if sorted(models) != sorted(s.name for s in specs):
+            raise ValueError(f"models {sorted(models)} do not match the specs {[s.name for s in specs]}")
+        out = cls(specs, dtype)
+        out._device, out._models = torch.device(device), dict(models)
+        return out
+
     def __len__(self) -> int:
         return len(self.specs)
 

@@ -2,10 +2,13 @@
 
 * ``--mode tiny`` (default without a GPU): the tiny preset through the real ``Trainer``.
 * ``--mode sdxl`` (needs a GPU): the SDXL-size UNet from ``--unet-config`` (default
-  ``../shared/reference/sdxl_unet_config.json``, random weights) as generator and as guidance
-  model (bf16 base + fp32 LoRA), random text embeddings of SDXL's shapes, the real
-  ``prepare_batch`` / ``guidance_step`` / ``generator_step``. Variants (gradient checkpointing,
-  batch size) run side by side in one process, each after warm-up, so they compare directly.
+  ``../shared/reference/sdxl_unet_config.json``, random weights) through the real ``Trainer``
+  and its real ``prepare_batch`` / ``guidance_step`` / ``generator_step`` (see
+  ``sdxl_bench.py`` for what is random). Variants (precision, gradient checkpointing, batch,
+  rewards, 8-bit AdamW, FSDP) run one after another in one process, each after warm-up; each
+  reports s/generator-step, images/s, peak GPU memory and, with ``--flops``, the FLOPs that
+  torch.utils.flop_counter counts for one generator step and the model FLOP utilisation
+  against ``--peak-tflops``. ``tests/bench/gpu_sdxl.sh`` is the prepared GPU run.
 
 A "generator step" is ``--ratio-update`` inner steps (backward simulation + guidance update)
 plus one generator update (DMD with CFG on both scores), as in training.
@@ -31,8 +34,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_generator_steps(trainer, steps: int, warmup: int) -> dict:
-    """Run ``warmup`` then ``steps`` generator steps; returns seconds per step and throughput."""
+def time_generator_steps(trainer, steps: int, warmup: int, count_flops=None) -> dict:
+    """Run ``warmup`` generator steps, one more under ``count_flops`` if given, then ``steps``
+    timed ones; returns seconds per step, throughput and peak memory of the timed steps."""
     ratio = trainer.cfg.ratio_update
 
     def one_gen_step():
@@ -48,6 +52,7 @@ def time_generator_steps(trainer, steps: int, warmup: int) -> dict:
 
     for _ in range(warmup):
         one_gen_step()
+    flops = count_flops(one_gen_step) if count_flops else None
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
     if torch.cuda.is_available():
@@ -59,8 +64,11 @@ def time_generator_steps(trainer, steps: int, warmup: int) -> dict:
     dt = (time.perf_counter() - t0) / steps
     out = {"s_per_gen_step": dt, "gen_steps_per_s": 1 / dt,
            "images_per_s": trainer.cfg.batch_size * (ratio + 1) / dt}
+    if flops is not None:
+        out["flops_per_gen_step"] = flops
     if torch.cuda.is_available():
         out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -79,88 +87,39 @@ def bench_tiny(args) -> list[dict]:
         return [row]
 
 
-class _RandomText:
-    """SDXL-shaped text conditioning without text encoders: [B, 77, 2048] and [B, 1280]."""
-
-    def __init__(self, device, dtype):
-        self.device, self.dtype = device, dtype
-
-    def __call__(self, prompts):
-        g = torch.Generator().manual_seed(len(prompts))
-        pe = torch.randn((len(prompts), 77, 2048), generator=g).to(self.device, self.dtype)
-        pooled = torch.randn((len(prompts), 1280), generator=g).to(self.device, self.dtype)
-        return pe, pooled
-
-
-class _Stream:
-    def __init__(self, batch):
-        self.batch = batch
-
-    def next_batch(self):
-        return [f"prompt {i}" for i in range(self.batch)]
-
-
-def sdxl_trainer(unet_config: dict, batch: int, resolution: int, checkpointing: bool, mixed: str):
-    """A Trainer whose models are random SDXL-size UNets; the step methods are the real ones."""
-    from diffusers import UNet2DConditionModel
-
-    from dmdr import components
-    from dmdr.config import TrainConfig
-    from dmdr.dmd import sampler, timesteps as ts
-    from dmdr.models import sdxl
-    from dmdr.train import Trainer
-
-    cfg = TrainConfig(resolution=resolution, batch_size=batch, mixed_precision=mixed, lora_rank=32,
-                      gradient_checkpointing=checkpointing, ratio_update=5, cfg_r=7.0, cfg_f=1.0,
-                      learning_rate_gen=1e-7, learning_rate_gui=1e-7, output_dir=tempfile.mkdtemp())
-    t = Trainer.__new__(Trainer)
-    t.cfg = cfg
-    t.acc, t.acc_gui = components.make_accelerators(cfg)
-    t.device = t.acc.device
-    dtype = components.INFERENCE_DTYPES[mixed]
-    torch.manual_seed(0)
-    generator = UNet2DConditionModel.from_config(unet_config).to(t.device)
-    guidance = UNet2DConditionModel.from_config(unet_config).to(t.device, dtype)
-    guidance.requires_grad_(False)
-    sdxl.add_guidance_lora(guidance, rank=cfg.lora_rank)
-    for p in guidance.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    if checkpointing:
-        generator.enable_gradient_checkpointing()
-        guidance.enable_gradient_checkpointing()
-    t.prepare_models(generator, guidance)
-    t.encode = _RandomText(t.device, dtype)
-    t.neg = t.encode([""])
-    t.stream = _Stream(batch)
-    t.alphas = sampler.scaled_linear_alphas_cumprod().to(t.device)
-    t.grid = ts.generator_timesteps(1, 1.0, 399)
-    t.s_type_gui = "uniform"
-    t.rewards = None
-    t.models = components.Models(parts=None, generator=generator, guidance=guidance, dtype=dtype)
-    t.global_step = t.inner_step = 0
-    return t
-
-
 def bench_sdxl(args) -> list[dict]:
+    """Each variant after ``--warmup`` steps: one step under the FLOP counter, then ``--steps`` timed."""
+    from sdxl_bench import Variant, flops_of, reset_accelerate, sdxl_trainer
+
     config = json.loads(Path(args.unet_config).read_text())
     rows = []
-    for variant in args.variants:
-        ckpt, batch = variant.split(":")
-        row = {"mode": "sdxl", "variant": variant, "gradient_checkpointing": ckpt == "ckpt", "batch": int(batch),
-               "resolution": args.resolution, "mixed_precision": args.mixed_precision}
+    for text in args.variants:
+        v = Variant.parse(text)
+        row = {"mode": "sdxl", "variant": text, "mixed_precision": v.mixed_precision, "batch": v.batch,
+               "gradient_checkpointing": v.checkpointing, "rewards": v.rewards, "adam8bit": v.adam8bit,
+               "fsdp": v.fsdp, "resolution": args.resolution}
+        trainer = None
         try:
-            trainer = sdxl_trainer(config, int(batch), args.resolution, ckpt == "ckpt", args.mixed_precision)
-            row["device"] = str(trainer.device)
+            trainer = sdxl_trainer(config, v, args.resolution, args.reward_archs)
+            row["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
             row["params_gen_M"] = sum(p.numel() for p in trainer.models.generator.parameters()) / 1e6
-            row.update(time_generator_steps(trainer, args.steps, args.warmup))
+            timing = time_generator_steps(trainer, args.steps, args.warmup,
+                                          count_flops=flops_of if args.flops else None)
+            row.update(timing)
+            if "flops_per_gen_step" in timing:
+                row["tflops_per_s"] = timing["flops_per_gen_step"] / timing["s_per_gen_step"] / 1e12
+                row["mfu"] = row["tflops_per_s"] / args.peak_tflops
         except torch.OutOfMemoryError as e:
             row["error"] = f"OOM: {str(e).splitlines()[0]}"
-        except RuntimeError as e:
-            row["error"] = str(e).splitlines()[0]
+        except Exception as e:  # a variant that breaks is a result too; the others still run
+            import traceback
+
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         print(json.dumps(row), flush=True)
         rows.append(row)
-        trainer = None
+        del trainer
+        reset_accelerate()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -175,14 +134,21 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "dmdr"))
     p.add_argument("--unet-config", default=str(DEFAULT_UNET_CONFIG))
     p.add_argument("--resolution", type=int, default=1024)
-    p.add_argument("--mixed-precision", default="bf16", choices=("no", "fp16", "bf16"))
-    p.add_argument("--variants", nargs="+", default=["nockpt:1", "ckpt:1", "ckpt:2", "ckpt:4"],
-                   help="checkpointing:batch pairs, checkpointing in {ckpt, nockpt}")
+    p.add_argument("--variants", nargs="+", default=["bf16/nockpt/b1", "bf16/ckpt/b4"],
+                   help="sdxl variants, e.g. bf16/ckpt/b4/adam8bit (tokens: no|fp16|bf16, ckpt|nockpt, bN, "
+                        "rewards, adam8bit, fsdp, loragen; see sdxl_bench.py)")
+    p.add_argument("--reward-archs", nargs=2, default=["ViT-H-14-quickgelu", "ViT-H-14"],
+                   help="open_clip names or config JSONs of the CLIP and HPS rewards (random weights)")
+    p.add_argument("--flops", action="store_true", help="count one generator step's FLOPs (torch.utils.flop_counter)")
+    p.add_argument("--peak-tflops", type=float, default=790.0,
+                   help="peak dense bf16 TFLOP/s for the utilisation figure (H200: ~790 measured)")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     rows = bench_tiny(args) if args.mode == "tiny" else bench_sdxl(args)
-    for r in rows:
-        print(json.dumps(r))
+    if args.mode == "tiny":  # sdxl rows are printed as each variant ends
+        for r in rows:
+            print(json.dumps(r))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
