@@ -54,6 +54,13 @@ def test_presets_carry_reference_recipes():
     assert cold.gui_a == 4.0 and cold.gui_b == 1.5 and cold.cfg_r == 7.0 and cold.ratio_update == 5
 
 
+def test_checkpoint_sources_from_s3_are_checked_at_parse_time():
+    assert parse(["--init-ckpt", "s3://bkt/runs/stage1/step-3000"]).init_ckpt == "s3://bkt/runs/stage1/step-3000"
+    for flag in ("--init-ckpt", "--resume-ckpt"):
+        with pytest.raises(UserError, match="invalid bucket name"):
+            parse([flag, "s3://Bad_Bucket/runs/stage1"])
+
+
 def test_booleans_are_real_booleans():
     assert parse(["--use-lora-gen"]).use_lora_gen is True
     assert parse(["--preset", "sdxl-cold-start", "--no-use-8bit-adam"]).use_8bit_adam is False
