@@ -229,7 +229,8 @@ class Checkpointer:
 
 def _rates(pairs: list[tuple[Any, Any]]) -> str:
     """The base learning rates of (optimizer, scheduler) pairs, as ``lr_gen X, lr_gui Y``."""
-    return ", ".join(f"{name} {sched.state_dict()['base_lrs'][0]:g}" for name, (_, sched) in zip(("lr_gen", "lr_gui"), pairs))
+    rates = (sched.state_dict()["base_lrs"][0] for _, sched in pairs)
+    return ", ".join(f"{name} {lr:g}" for name, lr in zip(("lr_gen", "lr_gui"), rates))
 
 
 def parse_checkpoint_path(path: Path, flag: str = "--resume-ckpt") -> tuple[Path, int]:

@@ -93,6 +93,12 @@ def test_resume_ckpt_of_another_run_keeps_moments_on_request_at_the_new_rate(tmp
     assert [adam_steps(o) for o in opts] == [{2 + 1}, {5 + 3}]  # stage 1's moments, continued
     assert gen.keys() == gen1.keys() and all(torch.equal(gen[k], gen1[k]) for k in gen)
     assert gui.keys() == gui1.keys() and all(torch.equal(gui[k], gui1[k]) for k in gui)
+    # resuming this new run (its own checkpoint) restores everything, its rates included
+    proc = run_dmdr(tiny_args(tmp_path, "s2", cache, "--max-train-steps", "2", "--resume-ckpt", "auto",
+                              "--learning-rate-gen", "1e-5", *COMMON), cache)
+    assert "resuming keeps this run's learning rates (lr_gen 0, lr_gui 0)" in proc.stdout
+    assert [r["lr_gen"] for r in read_jsonl(tmp_path / "s2" / "loss_logs" / "loss_gen_log.jsonl")] == [0.0, 0.0]
+    assert [adam_steps(o) for o in ckpt(tmp_path / "s2", 2)[2]] == [{2 + 2}, {5 + 5}]
 
 
 def test_init_ckpt_from_s3_in_an_empty_dir(tmp_path, cache, stage1, moto, bucket):
