@@ -15,6 +15,7 @@ syncer picks up completed checkpoints from their markers.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -151,11 +152,12 @@ class Checkpointer:
             self.log.info(f"retention: removed checkpoint step-{s} (keep_last={self.keep_last})")
 
     # --- resuming ----------------------------------------------------------------------
-    def resolve(self, spec: str | None) -> list[tuple[Path, int]]:
+    def resolve(self, spec: str | None, flag: str = "--resume-ckpt") -> list[tuple[Path, int]]:
         """Candidates ``(checkpoints_dir, step)`` for ``--resume-ckpt``, newest first.
 
         ``auto``: every loadable checkpoint of this run, newest first (empty: start fresh);
-        ``latest``: the same but an error when there is none; a path: exactly that checkpoint.
+        ``latest``: the same but an error when there is none; a path: exactly that checkpoint
+        (of this run: a resume; of another run: see `init_from`).
         """
         if spec is None:
             return []
@@ -167,10 +169,41 @@ class Checkpointer:
                     "train first, or use --resume-ckpt auto to start fresh when there is none"
                 )
             return [(self.dir, s) for s in reversed(steps)]
-        return [parse_checkpoint_path(Path(spec).expanduser())]
+        return [parse_checkpoint_path(Path(spec).expanduser(), flag)]
 
-    def load(self, ckpt_dir: Path, step: int, load_adapters: Callable[[Path, Path], None]) -> dict[str, Any]:
-        """Restore both accelerators' state, the adapters and return the torch_units dict."""
+    def is_own(self, ckpt_dir: Path) -> bool:
+        """Whether ``ckpt_dir`` is this run's checkpoint folder (resume) or another run's (init)."""
+        return ckpt_dir.resolve() == self.dir.resolve()
+
+    def init_from(self, ckpt_dir: Path, step: int, load_adapters: Callable[[Path, Path], None],
+                  pairs: list[tuple[Any, Any]], keep_optimizer: bool = False) -> None:
+        """Start a NEW experiment from another run's checkpoint: its weights (generator, guidance
+        LoRA) and none of its training state. ``pairs`` are this run's (optimizer, scheduler),
+        as configured: the schedulers always start fresh (this run's learning rates, warmup from
+        0); the optimizers too, unless ``keep_optimizer`` keeps the checkpoint's Adam moments, with
+        this run's learning rate and other settings. The step counters of both accelerators (the
+        gradient-accumulation phase) restart at 0; the caller reseeds the RNGs. The source is only read."""
+        fresh = [(copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())) for opt, sched in pairs]
+        self.load(ckpt_dir, step, load_adapters)
+        for (opt, sched), (opt_state, sched_state) in zip(pairs, fresh):
+            if keep_optimizer:
+                for group, new in zip(opt.param_groups, opt_state["param_groups"]):
+                    group.update({k: v for k, v in new.items() if k != "params"})
+            else:
+                opt.load_state_dict(opt_state)
+            sched.load_state_dict(sched_state)
+        self.acc_gen.step = self.acc_gui.step = 0
+        kept = "Adam moments kept (--init-keep-optimizer)" if keep_optimizer else "fresh optimisers"
+        self.log.info(f"new experiment from another run's checkpoint {ckpt_dir}/step-{step}: generator and "
+                      f"guidance LoRA weights loaded; {kept} and LR schedulers at this run's rates "
+                      f"({_rates(pairs)}); steps, prompt stream and logs start at 0; the source is only read")
+
+    def load(self, ckpt_dir: Path, step: int, load_adapters: Callable[[Path, Path], None],
+             pairs: list[tuple[Any, Any]] = ()) -> dict[str, Any]:
+        """Restore both accelerators' state, the adapters and return the torch_units dict. A
+        resume keeps the run's own learning rates: a warning says so when ``pairs`` (optimizer,
+        scheduler) were configured with other ones."""
+        configured = _rates(pairs)
         if not marker_path(ckpt_dir, step).is_file():
             raise UserError(
                 f"checkpoint step-{step} in {ckpt_dir} is incomplete (no {marker_path(ckpt_dir, step).name}); "
@@ -188,28 +221,37 @@ class Checkpointer:
                 f"checkpoint step-{step} in {ckpt_dir} cannot be loaded ({e.__class__.__name__}: {e}); "
                 f"delete {marker_path(ckpt_dir, step).name} to skip it, or resume from another step"
             ) from e
+        if _rates(pairs) != configured:
+            self.log.warning(f"WARNING: resuming keeps this run's learning rates ({_rates(pairs)}), not the "
+                             f"configured {configured}; start a new experiment with --init-ckpt to change them")
         return units
 
 
-def parse_checkpoint_path(path: Path) -> tuple[Path, int]:
+def _rates(pairs: list[tuple[Any, Any]]) -> str:
+    """The base learning rates of (optimizer, scheduler) pairs, as ``lr_gen X, lr_gui Y``."""
+    rates = (sched.state_dict()["base_lrs"][0] for _, sched in pairs)
+    return ", ".join(f"{name} {lr:g}" for name, lr in zip(("lr_gen", "lr_gui"), rates))
+
+
+def parse_checkpoint_path(path: Path, flag: str = "--resume-ckpt") -> tuple[Path, int]:
     """Accept ``.../checkpoints/torch_units/step-N.pt`` (the reference's form), a part folder
     ``.../checkpoints/<part>/step-N``, a marker file, or a run directory (its newest checkpoint)."""
     if (path / "checkpoints").is_dir():
         steps = complete_steps(path / "checkpoints")
         if not steps:
-            raise UserError(f"--resume-ckpt: {path} has no complete checkpoint")
+            raise UserError(f"{flag}: {path} has no complete checkpoint")
         return path / "checkpoints", steps[-1]
     m = _STEP_RE.search(path.name)
     if not m:
         raise UserError(
-            f"--resume-ckpt: {path} is not a checkpoint; pass checkpoints/torch_units/step-N.pt, "
-            "a run directory, 'latest' or 'auto'"
+            f"{flag}: {path} is not a checkpoint; pass checkpoints/torch_units/step-N.pt, "
+            "a run directory, s3://bucket/prefix/exp[/step-N], 'latest' or 'auto'"
         )
     step = int(m.group(1))
     ckpt_dir = path.parent if _MARKER_RE.match(path.name) else path.parent.parent
     if not marker_path(ckpt_dir, step).is_file():
         raise UserError(
-            f"--resume-ckpt: checkpoint step-{step} under {ckpt_dir} is missing or incomplete "
+            f"{flag}: checkpoint step-{step} under {ckpt_dir} is missing or incomplete "
             f"(no {marker_path(ckpt_dir, step).name})"
         )
     return ckpt_dir, step

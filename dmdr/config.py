@@ -116,11 +116,17 @@ class TrainConfig:
     sample_steps: int = _f(100, "Write a sample grid every N generator steps.", min=1)
     keep_last: int = _f(0, "Keep only the last K complete checkpoints (0 = keep all).", min=0)
     resume_ckpt: str | None = _f(
-        None, "Resume: a checkpoint path (torch_units/step-N.pt or its step), 'latest', or 'auto'."
+        None, "Resume this run: 'auto', 'latest', or a checkpoint path (torch_units/step-N.pt or its step); "
+        "a checkpoint of ANOTHER run (path or s3:// URI) starts a new experiment from it, as --init-ckpt does."
     )
     init_ckpt: str | None = _f(
-        None, "Start a NEW run from another run's checkpoint (e.g. stage 1 for stage 2) when --resume-ckpt "
-        "finds nothing to resume; counters continue from it."
+        None, "Start a NEW experiment from another run's checkpoint (e.g. stage 1 for stage 2) when --resume-ckpt "
+        "finds nothing of this run: a path as for --resume-ckpt or s3://bucket/prefix/exp[/step-N] (pulled, "
+        "sha256-verified). Its generator and guidance LoRA weights load; optimisers and LR schedulers start "
+        "fresh at this run's rates; steps count from 0."
+    )
+    init_keep_optimizer: bool = _f(
+        False, "With --init-ckpt: keep the source's Adam moments (the learning rates are still this run's)."
     )
     log_every: int = _f(1, "Progress line every N generator steps.", min=1)
 
@@ -289,6 +295,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--s3-uri: {cfg.s3_uri!r} is not an s3://bucket/prefix URI")
     if cfg.resume_ckpt is not None and cfg.resume_ckpt == "":
         raise UserError("--resume-ckpt: give a path, 'latest' or 'auto'")
+    for spec in (cfg.resume_ckpt, cfg.init_ckpt):
+        if spec is not None and spec.startswith("s3://"):
+            from dmdr.storage.uri import S3Uri
+
+            S3Uri.parse(spec)  # a malformed URI fails now, with one line
     for flag, weight, path in (
         ("--reward-clip-weight", cfg.reward_clip_weight, cfg.clip_reward_model),
         ("--reward-hps-weight", cfg.reward_hps_weight, cfg.hpsv2_reward_model),

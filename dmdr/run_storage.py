@@ -2,7 +2,8 @@
 
 `RunStorage` wraps one `dmdr.storage.Syncer` per node (on the node's local main process) and
 keeps the trainer free of S3 details: the trainer calls `restore`, `before_save`, `after_save`,
-`file_written` and `close`. Without ``--s3-uri`` every call is a no-op.
+`file_written` and `close`. Without ``--s3-uri`` every call is a no-op. `localise` turns an
+``s3://`` --init-ckpt / --resume-ckpt into a pulled local checkpoint (with or without --s3-uri).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
-from dmdr.checkpoint import complete_steps, loadable_steps
+from dmdr.checkpoint import complete_steps, loadable_steps, marker_path
 from dmdr.config import TrainConfig
 from dmdr.logs import get_logger
 
@@ -80,6 +81,36 @@ class RunStorage:
             self.pulled = target
         self.acc.wait_for_everyone()
         return target
+
+    def localise(self, spec: str | None) -> str | None:
+        """A checkpoint spec the Checkpointer reads: ``s3://bucket/prefix/exp[/step-N]`` (no step:
+        the run's latest complete checkpoint, settled by the main process for all) is pulled as
+        `dmdr pull` does (sha256-verified, marker last, once per node) into
+        ``<cache-dir>/init-ckpt/<bucket>/<prefix>/<exp>`` (this run's own remote: into its run
+        directory, a resume) and its marker path returned. Anything else passes through."""
+        from dmdr.storage.uri import S3Uri, is_s3_uri
+
+        if not is_s3_uri(spec):
+            return spec
+        from dmdr.storage.client import StorageConfig
+        from dmdr.storage.remote import download_checkpoint, require_latest, split_step
+
+        exp_uri, step = split_step(spec)
+        scfg = StorageConfig(s3_uri=exp_uri, endpoint_url=self.cfg.s3_endpoint_url, region=self.cfg.s3_region,
+                             path_style=self.cfg.s3_path_style)
+        if step is None:
+            box = [require_latest(exp_uri, scfg) if self.acc.is_main_process else None]
+            if self.acc.num_processes > 1:
+                broadcast_object_list(box, from_process=0)
+            step = box[0]
+        exp = S3Uri.parse(exp_uri)
+        own = self.enabled and exp_uri == self.remote
+        dest = self.run_dir if own else Path(self.cfg.cache_dir).expanduser() / "init-ckpt" / exp.bucket / exp.key
+        if self.acc.is_local_main_process:
+            download_checkpoint(exp_uri, step, dest, cfg=scfg, progress=False)
+        self.acc.wait_for_everyone()
+        get_logger().info(f"pulled checkpoint step-{step} of {exp_uri} into {dest} (sha256 verified)")
+        return str(marker_path(dest / "checkpoints", step))
 
     def _restore_logs(self) -> None:
         from dmdr.storage.client import make_client

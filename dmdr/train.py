@@ -113,7 +113,8 @@ class Trainer:
         self.log.info(
             f"training {cfg.max_train_steps} generator steps from step {self.global_step}: "
             f"{acc.num_processes} processes x batch {cfg.batch_size} x accumulation "
-            f"{cfg.gradient_accumulation_steps} = {self.global_batch} prompts per step"
+            f"{cfg.gradient_accumulation_steps} = {self.global_batch} prompts per step; "
+            f"lr_gen {self.sched_gen.get_last_lr()[0]:g}, lr_gui {self.sched_gui.get_last_lr()[0]:g}"
         )
         progress = Progress(cfg.max_train_steps, self.global_step, self.global_batch)
         last_saved = self.global_step
@@ -365,24 +366,30 @@ class Trainer:
             if not candidates and cfg.resume_ckpt == "latest":
                 raise UserError(f"--resume-ckpt latest: no complete checkpoint in {self.run_dir} or {self.storage.remote}")
         else:
-            candidates = self.ckpt.resolve(cfg.resume_ckpt)
+            candidates = self.ckpt.resolve(self.storage.localise(cfg.resume_ckpt))
         if not candidates and self.cfg.init_ckpt:
-            candidates = self.ckpt.resolve(self.cfg.init_ckpt)
+            candidates = self.ckpt.resolve(self.storage.localise(cfg.init_ckpt), "--init-ckpt")
             self.log.info(f"nothing to resume in {self.run_dir}: starting from --init-ckpt {self.cfg.init_ckpt}")
-        if not candidates:
-            if self.acc.is_main_process:
-                self.gen_log.reset()
-                self.gui_log.reset()
-            return None
 
         def load_adapters(gen_dir: Path, gui_dir: Path) -> None:
             sdxl.load_lora(self.acc_gui.unwrap_model(self.gui), gui_dir)
             if self.cfg.use_lora_gen:
                 sdxl.load_lora(self.acc.unwrap_model(self.gen), gen_dir)
 
+        pairs = [(self.opt_gen, self.sched_gen), (self.opt_gui, self.sched_gui)]
+        if candidates and not self.ckpt.is_own(candidates[0][0]):  # another run's: a NEW experiment from its weights
+            self.ckpt.init_from(*candidates[0], load_adapters, pairs, keep_optimizer=cfg.init_keep_optimizer)
+            set_seed(cfg.seed + self.acc.process_index)  # this run's own random streams
+            candidates = []
+        if not candidates:
+            if self.acc.is_main_process:
+                self.gen_log.reset()
+                self.gui_log.reset()
+            return None
+
         for i, (ckpt_dir, step) in enumerate(candidates):
             try:
-                units = self.ckpt.load(ckpt_dir, step, load_adapters)
+                units = self.ckpt.load(ckpt_dir, step, load_adapters, pairs)
                 break
             except Exception as e:  # auto/latest: fall back to the previous complete checkpoint
                 if i + 1 == len(candidates) or self.cfg.resume_ckpt not in ("auto", "latest"):

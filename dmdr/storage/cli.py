@@ -11,7 +11,7 @@ from pathlib import Path
 from dmdr.errors import UserError
 from dmdr.storage.client import StorageConfig
 from dmdr.storage.layout import ONLY_GROUPS
-from dmdr.storage.remote import download_checkpoint, latest_complete, list_checkpoints, list_runs
+from dmdr.storage.remote import download_checkpoint, list_checkpoints, list_runs, require_latest
 
 
 def add_s3_options(parser: argparse.ArgumentParser) -> None:
@@ -82,9 +82,7 @@ def run_pull(args: argparse.Namespace) -> int:
     """Download `--step` of a run into `--dest`, verifying every file."""
     cfg = config_from_args(args, args.uri)
     if args.step == "latest":
-        step = latest_complete(args.uri, cfg)
-        if step is None:
-            raise UserError(f"{args.uri} has no complete checkpoint yet: check the URI with `dmdr ls`.")
+        step = require_latest(args.uri, cfg)
     else:
         try:
             step = int(args.step)

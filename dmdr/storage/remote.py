@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,23 @@ def latest_complete(exp_uri: str, cfg: StorageConfig | None = None) -> int | Non
     cfg = _cfg_for(exp_uri, cfg)
     with storage_errors(cfg, exp):
         return latest_complete_with(make_client(cfg), exp)
+
+
+def require_latest(exp_uri: str, cfg: StorageConfig | None = None) -> int:
+    """`latest_complete`, or a UserError when the run has no complete checkpoint."""
+    step = latest_complete(exp_uri, cfg)
+    if step is None:
+        raise UserError(f"{exp_uri} has no complete checkpoint yet: check the URI with `dmdr ls`.")
+    return step
+
+
+def split_step(uri: str) -> tuple[str, int | None]:
+    """``s3://b/prefix/exp/step-N`` -> (``s3://b/prefix/exp``, N); a run URI -> (it, None)."""
+    parsed = S3Uri.parse(uri)
+    m = re.fullmatch(r"step-(\d+)", parsed.name)
+    if m and "/" in parsed.key:
+        return str(S3Uri(parsed.bucket, parsed.key.rsplit("/", 1)[0])), int(m.group(1))
+    return str(parsed), None
 
 
 def download_checkpoint(exp_uri: str, step: int, local_exp_dir: str | Path, only: str = "all",

@@ -48,9 +48,17 @@ def test_presets_carry_reference_recipes():
     cold = parse(["--preset", "sdxl-cold-start"])
     refl = parse(["--preset", "sdxl-dmdr-refl"])
     assert (cold.learning_rate_gen, cold.batch_size, cold.cold_start_iter) == (1e-7, 8, 3001)
-    assert (refl.learning_rate_gen, refl.batch_size, refl.cold_start_iter) == (5e-8, 4, 3000)
+    assert (refl.learning_rate_gen, refl.batch_size, refl.cold_start_iter) == (5e-8, 4, 0)
+    assert refl.max_train_steps == 1001  # stage 2 counts from 0: the reference's steps 3000..4001
     assert refl.magic_prompt == "Realistic photo" and refl.reward_hps_weight == 0.3
     assert cold.gui_a == 4.0 and cold.gui_b == 1.5 and cold.cfg_r == 7.0 and cold.ratio_update == 5
+
+
+def test_checkpoint_sources_from_s3_are_checked_at_parse_time():
+    assert parse(["--init-ckpt", "s3://bkt/runs/stage1/step-3000"]).init_ckpt == "s3://bkt/runs/stage1/step-3000"
+    for flag in ("--init-ckpt", "--resume-ckpt"):
+        with pytest.raises(UserError, match="invalid bucket name"):
+            parse([flag, "s3://Bad_Bucket/runs/stage1"])
 
 
 def test_booleans_are_real_booleans():

@@ -8,7 +8,7 @@ from dmdr.errors import UserError
 from dmdr.storage.client import (StorageConfig, effective_checksum_mode, effective_endpoint, safe_endpoint,
                                  translate_error)
 from dmdr.storage.layout import Manifest, in_group, manifest_step, marker_rel, read_local_marker, step_of
-from dmdr.storage.remote import StepObjects
+from dmdr.storage.remote import StepObjects, split_step
 from dmdr.storage.syncer import retention_victims
 from dmdr.storage.uri import S3Uri, is_s3_uri
 
@@ -31,6 +31,12 @@ def test_uri_rejects_bad_input_with_one_clear_message(bad):
     with pytest.raises(UserError) as err:
         S3Uri.parse(bad)
     assert bad in str(err.value) and "s3://" in str(err.value)
+
+
+def test_split_step_of_a_checkpoint_uri():
+    assert split_step("s3://b-1/runs/exp/step-300") == ("s3://b-1/runs/exp", 300)
+    assert split_step("s3://b-1/runs/exp/") == ("s3://b-1/runs/exp", None)
+    assert split_step("s3://b-1/step-3") == ("s3://b-1/step-3", None)  # a run named step-3 at the root
 
 
 def test_step_paths():
