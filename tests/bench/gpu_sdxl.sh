@@ -55,12 +55,12 @@ bench() {  # bench LIMIT_S VARIANT... : one process, its rows appended to $RESUL
     [ "$rc" = 0 ] || echo "exit status $rc (124 = over ${limit}s)"
 }
 
-bench 170 bf16/nockpt/b1 bf16/ckpt/b1 bf16/ckpt/b4 bf16/ckpt/b8
-bench 90 fp16/nockpt/b1/rewards
-bench 70 bf16/ckpt/b4/adam8bit
+bench 150 bf16/nockpt/b1 bf16/ckpt/b1 bf16/ckpt/b4 bf16/ckpt/b8
+bench 80 fp16/nockpt/b1/rewards
+bench 60 bf16/ckpt/b4/adam8bit
 
 stamp "variants: bf16/nockpt/b1/fsdp (torchrun, 1 process)"
-timeout -k 10 90 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 tests/bench/bench_step.py \
+timeout -k 10 70 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 tests/bench/bench_step.py \
     --mode sdxl --flops --steps "$STEPS" --warmup 1 --unet-config "$UNET_CONFIG" --variants bf16/nockpt/b1/fsdp \
     | tee "$OUT/last.out"
 grep '^{"mode"' "$OUT/last.out" >>"$RESULTS"
@@ -69,8 +69,8 @@ stamp "dmdr train --preset tiny on CUDA, bf16: 10 steps, then resume to 12"
 W=$(mktemp -d)
 common=(--preset tiny --mixed-precision bf16 --output-dir "$W" --exp-name gpu --cache-dir "$W/cache"
         --checkpoint-steps 5 --sample-steps 5)
-timeout -k 10 90 "$PY" -m dmdr train "${common[@]}" --max-train-steps 10 && \
-timeout -k 10 60 "$PY" -m dmdr train "${common[@]}" --max-train-steps 12 --resume-ckpt auto
+timeout -k 10 80 "$PY" -m dmdr train "${common[@]}" --max-train-steps 10 && \
+timeout -k 10 50 "$PY" -m dmdr train "${common[@]}" --max-train-steps 12 --resume-ckpt auto
 echo "tiny train exit status $?"
 ls "$W/gpu/checkpoints/torch_units" 2>/dev/null
 grep -h "resumed from\|training done\|device" "$W/gpu/log.txt" 2>/dev/null | tail -5
