@@ -16,6 +16,7 @@ from dmdr.config import TrainConfig
 from dmdr.errors import UserError
 from dmdr.logs import get_logger
 from dmdr.models import sdxl
+from dmdr.models.checkpointing import enable_gradient_checkpointing
 
 INFERENCE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -107,8 +108,8 @@ def build_models(cfg: TrainConfig, device: torch.device) -> Models:
             p.data = p.data.float()
 
     if cfg.gradient_checkpointing:
-        generator.enable_gradient_checkpointing()
-        guidance.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(generator)  # exact at any LoRA scale, unlike diffusers' own
+        enable_gradient_checkpointing(guidance)
     for m in (parts.text_encoder_one, parts.text_encoder_two, parts.vae):
         m.to(device, dtype=dtype)
     parts.alphas_cumprod = parts.alphas_cumprod.to(device)
