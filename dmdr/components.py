@@ -29,6 +29,9 @@ def make_accelerators(cfg: TrainConfig) -> tuple[Accelerator, Accelerator]:
         "cpu": not torch.cuda.is_available(),  # accelerate only goes multi-process (gloo) on CPU when told
         "mixed_precision": cfg.mixed_precision,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        # LR schedules count optimizer steps: without this accelerate steps a prepared scheduler
+        # once per process at each optimizer step (warmup over after W / N steps on N processes)
+        "step_scheduler_with_optimizer": False,
         "project_config": ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "tensorboard")),
     }
     if cfg.report_to != "none":
