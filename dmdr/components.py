@@ -16,6 +16,7 @@ from dmdr.config import TrainConfig
 from dmdr.errors import UserError
 from dmdr.logs import get_logger
 from dmdr.models import sdxl
+from dmdr.models.checkpointing import enable_gradient_checkpointing
 
 INFERENCE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -28,6 +29,9 @@ def make_accelerators(cfg: TrainConfig) -> tuple[Accelerator, Accelerator]:
         "cpu": not torch.cuda.is_available(),  # accelerate only goes multi-process (gloo) on CPU when told
         "mixed_precision": cfg.mixed_precision,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        # LR schedules count optimizer steps: without this accelerate steps a prepared scheduler
+        # once per process at each optimizer step (warmup over after W / N steps on N processes)
+        "step_scheduler_with_optimizer": False,
         "project_config": ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "tensorboard")),
     }
     if cfg.report_to != "none":
@@ -107,8 +111,8 @@ def build_models(cfg: TrainConfig, device: torch.device) -> Models:
             p.data = p.data.float()
 
     if cfg.gradient_checkpointing:
-        generator.enable_gradient_checkpointing()
-        guidance.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(generator)  # exact at any LoRA scale, unlike diffusers' own
+        enable_gradient_checkpointing(guidance)
     for m in (parts.text_encoder_one, parts.text_encoder_two, parts.vae):
         m.to(device, dtype=dtype)
     parts.alphas_cumprod = parts.alphas_cumprod.to(device)

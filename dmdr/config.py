@@ -81,7 +81,8 @@ class TrainConfig:
     use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes (CUDA only).")
     mixed_precision: str = _f("no", "Mixed precision.", choices=("no", "fp16", "bf16"))
     gradient_accumulation_steps: int = _f(1, "Gradient accumulation steps.", min=1)
-    lr_warmup_steps: int = _f(0, "Linear learning-rate warmup in optimizer steps (0 = constant).", min=0)
+    lr_warmup_steps: int = _f(0, "Linear learning-rate warmup over N optimizer steps of each model, on any number "
+                              "of processes (update N is the first at the full rate; 0 = constant).", min=0)
     allow_tf32: bool = _f(True, "TF32 matmuls on CUDA.")
     distributed: str = _f("ddp", "Data-parallel strategy.", choices=("ddp", "fsdp"))
 
@@ -91,11 +92,14 @@ class TrainConfig:
     ratio_update: int = _f(5, "Guidance updates per generator update (two time-scale rule).", min=1)
     dynamic_step: int = _f(0, "Steps of the dynamic strategy (cosine decays); 0 = off.", min=0)
     s_type_gen: str = _f("uniform", "Generator-input timestep sampling.", choices=SAMPLING_TYPES)
-    s_type_gui: str = _f("uniform", "Guidance/DMD timestep sampling.", choices=SAMPLING_TYPES)
+    s_type_gui: str = _f("uniform", "Guidance-update and DMD-loss timestep sampling.", choices=SAMPLING_TYPES)
     gen_a: float = _f(1.0, "Beta a for generator timesteps (logit_normal).", min=0.0)
     gen_b: float = _f(1.0, "Beta b for generator timesteps (logit_normal).", min=0.0)
-    gui_a: float = _f(4.0, "Beta a for guidance/DMD timesteps (logit_normal).", min=0.0)
-    gui_b: float = _f(1.5, "Beta b for guidance/DMD timesteps (logit_normal).", min=0.0)
+    gui_a: float = _f(4.0, "Beta a for the DMD-loss timesteps (logit_normal).", min=0.0)
+    gui_b: float = _f(1.5, "Beta b for the DMD-loss timesteps (logit_normal).", min=0.0)
+    gui_fit_a: float = _f(4.0, "Beta a for the guidance (fake score) update timesteps (logit_normal); "
+                          "the reference fixes Beta(4, 1.5) here.", min=0.0)
+    gui_fit_b: float = _f(1.5, "Beta b for the guidance (fake score) update timesteps (logit_normal).", min=0.0)
     cfg_r: float = _f(7.0, "CFG scale of the real score (drawn in +-0.5 when > 1).", min=0.0)
     cfg_f: float = _f(1.0, "CFG scale of the fake score (drawn in +-0.5 when > 1).", min=0.0)
 

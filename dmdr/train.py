@@ -121,14 +121,8 @@ class Trainer:
         while self.global_step < cfg.max_train_steps:
             if self.stop_requested():
                 return self.shutdown(saved=last_saved == self.global_step)
-            prompts = self.stream.next_batch()
-            with acc.accumulate(self.gen, self.gui):
-                batch = self.prepare_batch(prompts)
-                gui_logs = self.guidance_step(batch)
-                gen_due = self.inner_step % cfg.ratio_update == 0 and self.inner_step > 0
-                gen_logs = self.generator_step(batch) if gen_due else None
-            if not acc.sync_gradients:
-                continue
+            batches = [self.prepare_batch(self.stream.next_batch()) for _ in range(cfg.gradient_accumulation_steps)]
+            gui_logs, gen_logs = self.train_step(batches)
             self.write_gui_log(gui_logs)
             self.inner_step += 1
             if gen_logs is None:
@@ -178,8 +172,25 @@ class Trainer:
     def global_batch(self) -> int:
         return self.cfg.batch_size * self.acc.num_processes * self.cfg.gradient_accumulation_steps
 
+    def train_step(self, batches: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """One inner step on --gradient-accumulation-steps micro-batches: the guidance update over
+        all of them, then, when due, the generator update over all of them (against the updated
+        fake score), so G micro-batches of B make the updates of one batch of G*B. Logs are the
+        means over the micro-batches."""
+        gui_logs = mean_logs([self.accumulated(self.acc_gui, self.gui, self.guidance_step, b) for b in batches])
+        if not (self.inner_step % self.cfg.ratio_update == 0 and self.inner_step > 0):
+            return gui_logs, None
+        return gui_logs, mean_logs([self.accumulated(self.acc, self.gen, self.generator_step, b) for b in batches])
+
+    @staticmethod
+    def accumulated(acc, model, step, batch: dict[str, Any]) -> dict[str, Any]:
+        """`step(batch)` as one micro-batch of `model`'s accumulation: it steps at the G-th."""
+        with acc.accumulate(model):
+            return step(batch)
+
     def prepare_batch(self, prompts: list[str]) -> dict[str, Any]:
-        """Text conditioning, the generator's own few-step chain (no grad), and its inputs."""
+        """Text conditioning, the generator's own few-step chain (no grad), its inputs, and every
+        random draw of the two updates (so a batch fixes the step; a micro-batch is a slice of it)."""
         cfg = self.cfg
         embeds = self.encode(prompts)
         shape = (len(prompts), 4, cfg.resolution // 8, cfg.resolution // 8)
@@ -192,7 +203,11 @@ class Trainer:
                                    self.global_step, cfg.dynamic_step).to(self.device)
         x_clean = sampler.pick_x0(all_x0, step_t, t_gen).float()
         x_gen = sampler.generator_input(all_x0, step_t, t_gen, self.alphas).float()
-        return {"prompts": prompts, "embeds": embeds, "x_clean": x_clean, "x_gen": x_gen, "t_gen": t_gen}
+        n = len(prompts)
+        return {"prompts": prompts, "embeds": embeds, "x_clean": x_clean, "x_gen": x_gen, "t_gen": t_gen,
+                "t_fit": self.score_timesteps(n, cfg.gui_fit_a, cfg.gui_fit_b), "noise_fit": torch.randn_like(x_clean),
+                "t_dmd": self.score_timesteps(n, cfg.gui_a, cfg.gui_b), "noise_dmd": torch.randn_like(x_clean),
+                "cfg_f": ts.cfg_scale(cfg.cfg_f), "cfg_r": ts.cfg_scale(cfg.cfg_r)}
 
     def eps(self, unet, x, t, embeds, **kw) -> torch.Tensor:
         return sdxl.predict_eps(unet, x, t, embeds[0], embeds[1], self.cfg.resolution, **kw)
@@ -200,14 +215,13 @@ class Trainer:
     def guidance_step(self, b: dict[str, Any]) -> dict[str, float]:
         """Fit the fake score (the guidance LoRA at scale --lora-scale-f) to the generator's outputs."""
         self.gui.train()
-        t = self.score_timesteps(b["x_clean"].shape[0])
-        noise = torch.randn_like(b["x_clean"])
+        t, noise = b["t_fit"], b["noise_fit"]
         x_t = sampler.add_noise(b["x_clean"], noise, t, self.alphas)
         with self.acc_gui.autocast():
             eps = self.eps(self.gui, x_t, t, b["embeds"], lora_scale=self.cfg.lora_scale_f)
             loss = losses.guidance_loss(eps.float(), noise)
-        self.update(self.acc_gui, self.gui, self.opt_gui, self.sched_gui, loss)
-        return {"loss_gui": loss.detach()}
+        lr = self.update(self.acc_gui, self.gui, self.opt_gui, self.sched_gui, loss)
+        return {"loss_gui": loss.detach(), "lr_gui": lr}
 
     def generator_step(self, b: dict[str, Any]) -> dict[str, Any]:
         """DMD loss (real minus fake score, both with CFG) plus reward hinge losses."""
@@ -227,51 +241,62 @@ class Trainer:
             loss = loss + reward_loss
             logs.update(reward_logs)
 
-        t = self.score_timesteps(x0.shape[0])
-        x_t = sampler.add_noise(x0.detach(), torch.randn_like(x0), t, self.alphas)
+        t = b["t_dmd"]
+        x_t = sampler.add_noise(x0.detach(), b["noise_dmd"], t, self.alphas)
         real_scale = ts.real_score_lora_scale(cfg.lora_scale_r, self.global_step, cfg.dynamic_step)
         with torch.no_grad(), self.acc.autocast():
             eps_fake = self.eps(self.gui, x_t, t, b["embeds"], lora_scale=cfg.lora_scale_f,
-                                uncond=self.neg, cfg=ts.cfg_scale(cfg.cfg_f))
+                                uncond=self.neg, cfg=b["cfg_f"])
             eps_real = self.eps(self.gui, x_t, t, b["embeds"], lora_scale=real_scale,
-                                uncond=self.neg, cfg=ts.cfg_scale(cfg.cfg_r))
+                                uncond=self.neg, cfg=b["cfg_r"])
         x0_fake = sampler.x0_from_eps(x_t, eps_fake.float(), t, self.alphas)
         x0_real = sampler.x0_from_eps(x_t, eps_real.float(), t, self.alphas)
         loss_dmd, _ = losses.dmd_loss(x0, x0_real, x0_fake)
         loss = loss + loss_dmd
-        self.update(self.acc, self.gen, self.opt_gen, self.sched_gen, loss)
-        logs.update({"loss_gen": loss.detach(), "loss_dmd": loss_dmd.detach(), "real_lora_scale": real_scale})
+        lr = self.update(self.acc, self.gen, self.opt_gen, self.sched_gen, loss)
+        logs.update({"loss_gen": loss.detach(), "loss_dmd": loss_dmd.detach(), "real_lora_scale": real_scale,
+                     "lr_gen": lr})
         return logs
 
-    def score_timesteps(self, n: int) -> torch.Tensor:
-        """Continuous timesteps for the guidance fit and the DMD scores (--s-type-gui, --gui-a/b)."""
-        cfg = self.cfg
-        return ts.sample_continuous(n, self.s_type_gui, cfg.gui_a, cfg.gui_b, self.global_step,
-                                    cfg.dynamic_step).to(self.device)
+    def score_timesteps(self, n: int, a: float, b: float) -> torch.Tensor:
+        """Continuous timesteps (--s-type-gui) with Beta(a, b): --gui-fit-a/b for the guidance fit,
+        --gui-a/b for the DMD scores."""
+        return ts.sample_continuous(n, self.s_type_gui, a, b, self.global_step, self.cfg.dynamic_step).to(self.device)
 
-    def update(self, acc, model, optimizer, scheduler, loss: torch.Tensor) -> None:
-        """Backward, clip, step; then clear BOTH optimisers' gradients, so neither model keeps
-        gradients from the other's loss (the DMD loss never trains the guidance LoRA)."""
+    def update(self, acc, model, optimizer, scheduler, loss: torch.Tensor) -> float:
+        """Backward; at the syncing micro-batch clip, step, advance the LR schedule by one and clear
+        this model's gradients. Returns the learning rate of this update.
+
+        The two models' gradients never mix (the guidance loss does not reach the generator, the
+        DMD scores are computed without grad), so each optimiser clears only its own gradients,
+        after its own step: clearing the other's would drop its accumulated micro-batches."""
+        lr = scheduler.get_last_lr()[0]
         acc.backward(loss)
-        if acc.sync_gradients and self.cfg.max_grad_norm > 0:
+        if not acc.sync_gradients:
+            return lr
+        if self.cfg.max_grad_norm > 0:
             acc.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
         optimizer.step()
-        scheduler.step()
-        self.opt_gen.zero_grad(set_to_none=True)
-        self.opt_gui.zero_grad(set_to_none=True)
+        if not acc.optimizer_step_was_skipped:  # fp16 overflow: no step, so no schedule step either
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return lr
 
     # --- logs, samples, checkpoints ---------------------------------------------------
     def _reduce(self, logs: dict[str, Any]) -> dict[str, float]:
-        out = {}
-        for k, v in logs.items():
-            out[k] = self.acc.reduce(v.reshape(1), reduction="mean").item() if torch.is_tensor(v) else float(v)
-        return out
+        """Every value (losses, reward scores, ...) averaged over the processes, in one collective."""
+        if not logs:
+            return {}
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).detach().reshape(())
+                              for v in logs.values()])
+        if self.acc.num_processes > 1:
+            values = self.acc.reduce(values, reduction="mean")
+        return dict(zip(logs, values.tolist()))
 
     def write_gui_log(self, logs: dict[str, Any]) -> None:
         row = self._reduce(logs)
         if self.acc.is_main_process:
-            self.gui_log.append({"step": self.global_step, "inner_step": self.inner_step, **row,
-                                 "lr_gui": self.sched_gui.get_last_lr()[0], "time": time.time()})
+            self.gui_log.append({"step": self.global_step, "inner_step": self.inner_step, **row, "time": time.time()})
 
     def write_gen_log(self, logs: dict[str, Any], progress: Progress) -> None:
         row = self._reduce(logs)
@@ -280,8 +305,7 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         rates = progress.rates(self.global_step) if self.global_step % self.cfg.log_every == 0 else None
-        full = {"step": self.global_step, "inner_step": self.inner_step - 1, **row,
-                "lr_gen": self.sched_gen.get_last_lr()[0], "time": time.time()}
+        full = {"step": self.global_step, "inner_step": self.inner_step - 1, **row, "time": time.time()}
         if rates:
             full["images_per_s"] = rates["images_per_s"]
             shown = {k: row[k] for k in ("loss_dmd", "loss_gen", "clip", "hps") if k in row}
@@ -402,6 +426,11 @@ class Trainer:
             self.gui_log.truncate_after(self.inner_step - 1)
         self.log.info(f"resumed from {ckpt_dir}/step-{step}: generator step {self.global_step}, inner step {self.inner_step}")
         return self.global_step if ckpt_dir == self.ckpt.dir else None
+
+
+def mean_logs(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Key-wise mean of the micro-batches' log dicts (tensors or numbers)."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
 def data_path(spec: str) -> str:
