@@ -3,15 +3,16 @@
 * ``--mode tiny`` (default without a GPU): the tiny preset through the real ``Trainer``.
 * ``--mode sdxl`` (needs a GPU): the SDXL-size UNet from ``--unet-config`` (default
   ``../shared/reference/sdxl_unet_config.json``, random weights) through the real ``Trainer``
-  and its real ``prepare_batch`` / ``guidance_step`` / ``generator_step`` (see
+  and its real ``prepare_batch`` / ``train_step`` (see
   ``sdxl_bench.py`` for what is random). Variants (precision, gradient checkpointing, batch,
   rewards, 8-bit AdamW, FSDP) run one after another in one process, each after warm-up; each
   reports s/generator-step, images/s, peak GPU memory and, with ``--flops``, the FLOPs that
   torch.utils.flop_counter counts for one generator step and the model FLOP utilisation
   against ``--peak-tflops``. ``tests/bench/gpu_sdxl.sh`` is the prepared GPU run.
 
-A "generator step" is ``--ratio-update`` inner steps (backward simulation + guidance update)
-plus one generator update (DMD with CFG on both scores), as in training.
+A "generator step" is ``--ratio-update`` inner steps (each: backward simulation of a new batch +
+guidance update), the last one with the generator update (DMD with CFG on both scores), as in
+training; images/s counts the images the generator makes for them.
 """
 from __future__ import annotations
 
@@ -36,19 +37,21 @@ def peak_rss_mb() -> float:
 
 def time_generator_steps(trainer, steps: int, warmup: int, count_flops=None) -> dict:
     """Run ``warmup`` generator steps, one more under ``count_flops`` if given, then ``steps``
-    timed ones; returns seconds per step, throughput and peak memory of the timed steps."""
-    ratio = trainer.cfg.ratio_update
+    timed ones, through the loop's own ``Trainer.train_step``; returns seconds per step,
+    throughput (generated images: every inner step samples one batch) and peak memory."""
+    accumulation = trainer.cfg.gradient_accumulation_steps
+    images = 0
 
-    def one_gen_step():
-        for i in range(ratio):
-            batch = trainer.prepare_batch(trainer.stream.next_batch())
-            trainer.guidance_step(batch)
+    def one_gen_step():  # inner steps until the next generator update (--ratio-update of them)
+        nonlocal images
+        while True:
+            batches = [trainer.prepare_batch(trainer.stream.next_batch()) for _ in range(accumulation)]
+            images += sum(len(b["prompts"]) for b in batches)
+            _, gen_logs = trainer.train_step(batches)
             trainer.inner_step += 1
-        batch = trainer.prepare_batch(trainer.stream.next_batch())
-        trainer.guidance_step(batch)
-        trainer.generator_step(batch)
-        trainer.inner_step += 1
-        trainer.global_step += 1
+            if gen_logs is not None:
+                trainer.global_step += 1
+                return
 
     for _ in range(warmup):
         one_gen_step()
@@ -57,13 +60,13 @@ def time_generator_steps(trainer, steps: int, warmup: int, count_flops=None) -> 
     sync()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    images, t0 = 0, time.perf_counter()
     for _ in range(steps):
         one_gen_step()
     sync()
     dt = (time.perf_counter() - t0) / steps
     out = {"s_per_gen_step": dt, "gen_steps_per_s": 1 / dt,
-           "images_per_s": trainer.cfg.batch_size * (ratio + 1) / dt}
+           "images_per_s": images / steps / dt}
     if flops is not None:
         out["flops_per_gen_step"] = flops
     if torch.cuda.is_available():
