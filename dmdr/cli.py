@@ -48,11 +48,23 @@ def _is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dmdr")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line. It imports only light modules (no torch, numpy or boto3): each
+    command imports what it needs when it runs, so `dmdr --help` answers at once."""
     from dmdr import config, score, weights
     from dmdr.storage import cli as storage_cli
 
     parser = argparse.ArgumentParser(prog="dmdr", description="DMDR: one-step SDXL distillation with rewards.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (under torchrun or accelerate launch for several processes)",

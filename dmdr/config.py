@@ -209,20 +209,52 @@ def _normalise(data: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
+def sections() -> dict[str, str]:
+    """field name -> its section of `TrainConfig` (the ``# --- title ---`` comment above it)."""
+    import inspect
+    import re
+
+    out, title = {}, "training options"
+    for line in inspect.getsource(TrainConfig).splitlines():
+        marker = re.match(r"\s*# -+ (.+?)(?: -+)?$", line)
+        field_line = re.match(r"\s+(\w+): .+= _f\(", line)
+        if marker:
+            title = marker.group(1).split(";")[0].strip()
+        elif field_line and field_line.group(1) in FIELDS:
+            out[field_line.group(1)] = title
+    return out
+
+
+def _help(name: str, f: dataclasses.Field) -> str:
+    """The field's help, then its choices, default and environment variable (as --help shows them)."""
+    extra = []
+    if f.metadata.get("choices"):
+        extra.append("choices: " + ", ".join(map(str, f.metadata["choices"])))
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    extra.append(f"default: {'none' if default is None else default}")
+    if f.metadata.get("env"):
+        extra.append(f"env {f.metadata['env']}")
+    return (f.metadata["help"] + " [" + "; ".join(extra) + "]").replace("%", "%%")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field. Defaults are suppressed so only flags given by the user are seen."""
+    """One flag per field, grouped by section. Defaults are suppressed so only flags given by the
+    user are seen (the help text shows each default)."""
     parser.add_argument("--preset", default=argparse.SUPPRESS, help=f"Preset: {', '.join(preset_names())}.")
     parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML file of options (same names as the flags).")
-    group = parser.add_argument_group("training options")
+    where, groups = sections(), {}
     for name, f in FIELDS.items():
+        title = where.get(name, "training options")
+        group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
         tp = _base_type(name)
         flag = "--" + name.replace("_", "-")
-        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help(name, f)}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = _parse_optional(tp) if _TYPES[name] != tp else tp
-            kw["metavar"] = tp.__name__.upper()
+            choices = f.metadata.get("choices")
+            kw["metavar"] = "{" + ",".join(choices) + "}" if choices else tp.__name__.upper()
         group.add_argument(flag, **kw)
 
 

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from dmdr.dmd.losses import reward_hinge
 from dmdr.errors import UserError
+from dmdr.reward_kinds import KINDS, RewardKind  # noqa: F401 (re-exported)
 
 #: Scores below this margin are pushed up by the reward loss ``relu(margin - score)``.
 HINGE_MARGIN = 0.7
@@ -43,32 +44,6 @@ HINGE_MARGIN = 0.7
 #: OpenAI CLIP normalisation, used unless a model-config JSON brings its own ``preprocess_cfg``.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class RewardKind:
-    """What one named reward expects; the texts are used in error messages."""
-
-    label: str  # human name of the model
-    file_name: str  # the file users download
-    flag: str  # option that passes the checkpoint
-    arch_flag: str  # option that passes the architecture
-    nested: bool  # True: weights are under "state_dict"; False: a plain state dict
-    default_arch: str  # open_clip model name used when the spec names none
-
-
-KINDS: dict[str, RewardKind] = {
-    "clip": RewardKind(
-        "DFN5B-CLIP-ViT-H-14 CLIP reward", "Apple_CLIP-H-14-224.bin",
-        "--clip-reward-model", "--clip-reward-arch", nested=False,
-        default_arch="ViT-H-14-quickgelu",
-    ),
-    "hps": RewardKind(
-        "HPSv2.1 reward", "HPS_v2.1_compressed.pt",
-        "--hpsv2-reward-model", "--hps-reward-arch", nested=True,
-        default_arch="ViT-H-14",
-    ),
-}
 
 
 @dataclass

@@ -16,11 +16,16 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
+from statistics import fmean
+from typing import TYPE_CHECKING
 
 from dmdr.errors import UserError
-from dmdr.rewards import KINDS, RewardSet, RewardSpec
+from dmdr.reward_kinds import KINDS
+
+if TYPE_CHECKING:  # torch and the reward models load in the command, not for `dmdr --help`
+    import torch
+
+    from dmdr.rewards import RewardSet, RewardSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DESCRIPTION = (
@@ -28,7 +33,7 @@ DESCRIPTION = (
     "per-image scores and means (HPS also x100) and writes a JSON report (and a CSV for --out "
     "*.csv). Reward models load from local files only."
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -52,8 +57,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="scores.json",
                    help="report path, .json or .csv (a .csv also writes the .json next to it; "
                         "default: %(default)s)")
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=run)
@@ -83,6 +88,8 @@ def read_prompts(path: Path) -> list[str]:
 
 def load_image(path: Path) -> torch.Tensor:
     """An RGB image as a [3,H,W] float tensor in [0,1]."""
+    import numpy as np
+    import torch
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -97,6 +104,8 @@ def score_files(
     files: list[Path], prompts: list[str], rewards: RewardSet, batch_size: int, device: str
 ) -> dict[str, list[float]]:
     """name -> per-image scores, batching images of equal size."""
+    import torch
+
     out = {name: [0.0] * len(files) for name in rewards.names}
     for start in range(0, len(files), batch_size):
         index = range(start, min(start + batch_size, len(files)))
@@ -122,7 +131,7 @@ def build_report(files: list[Path], prompts: list[str], scores: dict[str, list[f
         row = {"file": f.name, "prompt": prompt}
         row.update({name: values[i] for name, values in scores.items()})
         rows.append(row)
-    mean = {name: float(np.mean(values)) for name, values in scores.items()}
+    mean = {name: fmean(values) for name, values in scores.items()}
     if "hps" in scores:
         for row in rows:
             row["hps_x100"] = row["hps"] * 100
@@ -160,6 +169,12 @@ def _format(values: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Score the images; raises UserError on bad input (the CLI prints it and exits 2)."""
+    import torch
+
+    from dmdr.rewards import RewardSet, RewardSpec
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     specs = []
     if args.clip_reward_model:
         specs.append(RewardSpec("clip", args.clip_reward_model, arch=args.clip_reward_arch))
@@ -181,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         )
     rewards = RewardSet(specs)
     rewards.check()
-    rewards.load(args.device, DTYPES[args.dtype])
+    rewards.load(args.device, getattr(torch, args.dtype))
     scores = score_files(files, prompts, rewards, args.batch_size, args.device)
     report = build_report(files, prompts, scores, specs)
     for row in report["images"]:

@@ -1,6 +1,6 @@
 """Model weights from a manifest: `dmdr weights fetch|verify|list`.
 
-A manifest (YAML, e.g. ``docker/weights.yaml``) lists files and folders by the name they get in
+A manifest (YAML, e.g. ``dmdr/assets/weights.yaml``, the default, shipped in the package) lists files and folders by the name they get in
 the destination folder, the sources to try in order, an optional sha256 (files) and size, and a
 group::
 
@@ -36,18 +36,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 from urllib.parse import parse_qs, quote, urlparse
 
 import yaml
 
 from dmdr.errors import UserError
-from dmdr.fetch import FetchContext, fetch, register_scheme
 from dmdr.storage.hashio import sha256_file
+
+if TYPE_CHECKING:  # dmdr.fetch loads boto3: only when something is fetched (`dmdr --help` stays fast)
+    from dmdr.fetch import FetchContext
 
 log = logging.getLogger("dmdr.weights")
 
 LOCK_NAME = "weights.lock.json"
+#: The manifest shipped with the package (the one the image is built from); the default of --manifest.
+DEFAULT_MANIFEST = Path(__file__).resolve().parent / "assets" / "weights.yaml"
 DEFAULT_SECRET = Path("/run/secrets/hf_token")
 _ENTRY_KEYS = {"name", "group", "sources", "sha256", "size", "include"}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -217,9 +221,15 @@ def set_hf_token_file(path: str | Path | None) -> None:
 
 
 def _hf_error_kind(exc: BaseException) -> str:
-    """'missing', 'denied' or 'retry' for an exception raised by huggingface_hub."""
+    """'missing', 'denied', 'offline' (the hub was not reached) or 'retry' for an exception
+    raised by huggingface_hub."""
     from huggingface_hub import errors
 
+    # no connection: the client raises LocalEntryNotFoundError, a subclass of EntryNotFoundError
+    unreachable = tuple(getattr(errors, n) for n in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
+                        if hasattr(errors, n))
+    if isinstance(exc, unreachable):
+        return "offline"
     missing = tuple(getattr(errors, n) for n in ("RepositoryNotFoundError", "RevisionNotFoundError",
                                                  "EntryNotFoundError", "RemoteEntryNotFoundError")
                     if hasattr(errors, n))
@@ -267,9 +277,14 @@ def _fetch_hf(uri: str, ctx: FetchContext) -> Path:
             if kind == "denied":
                 raise UserError(f"Cannot download {uri}: access denied; accept the model's terms on Hugging "
                                 "Face and pass a token (BuildKit secret hf_token / --hf-token-file).") from None
+            mirror = "or add an s3:// or https:// mirror source to the manifest"
+            if kind == "offline" and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+                raise UserError(f"Cannot download {uri}: HF_HUB_OFFLINE is set; unset it, {mirror}.") from None
             if attempt == ctx.attempts:
-                raise UserError(f"Cannot download {uri} after {attempt} tries ({type(exc).__name__}: {exc}); "
-                                "check the network; the partial download resumes next time.") from None
+                why = "the Hugging Face Hub cannot be reached" if kind == "offline" else f"{type(exc).__name__}: {exc}"
+                raise UserError(f"Cannot download {uri} after {attempt} tries ({why}); check the network or proxy "
+                                f"(HF_ENDPOINT for a hub mirror), {mirror}; the partial download resumes next "
+                                "time.") from None
             log.warning("Download of %s failed (%s); retrying in %.0fs.", uri, type(exc).__name__, delay)
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
@@ -290,7 +305,12 @@ def _fetch_hf(uri: str, ctx: FetchContext) -> Path:
     return ctx.commit(name, ref.revision)
 
 
-register_scheme("hf", _fetch_hf)
+def _fetch(uri: str, cache: Path, sha256: str | None, progress: bool | None) -> Path:
+    """`dmdr.fetch.fetch`, with hf:// registered (imported here: it loads the S3 client)."""
+    from dmdr.fetch import fetch, register_scheme
+
+    register_scheme("hf", _fetch_hf)
+    return fetch(uri, cache, sha256, progress=progress)
 
 
 # ------------------------------------------------------------------------------ fetch / verify
@@ -365,7 +385,7 @@ def _fetch_entry(entry: WeightEntry, dest: Path, cache: Path, progress: bool | N
     errors = []
     for source in entry.sources:
         try:
-            got = fetch(_source_uri(entry, source), cache, entry.sha256, progress=progress)
+            got = _fetch(_source_uri(entry, source), cache, entry.sha256, progress)
         except UserError as exc:
             errors.append(str(exc))
             log.warning("%s: source %s failed: %s", entry.name, source, exc)
@@ -474,11 +494,11 @@ def _default_dest() -> str | None:
 def add_parsers(subparsers: Any) -> None:
     """Add ``weights fetch|verify|list`` to the ``dmdr`` sub-command parsers."""
     weights = subparsers.add_parser("weights", help="fetch or verify model weights from a manifest",
-                                    description="Weights from a YAML manifest (see docker/weights.yaml).")
+                                    description="Weights from a YAML manifest (default: the one shipped with dmdr, dmdr/assets/weights.yaml).")
     sub = weights.add_subparsers(dest="weights_command", required=True)
 
     p = sub.add_parser("fetch", help="download the entries of some groups into a folder")
-    p.add_argument("--manifest", required=True, help="weights manifest YAML")
+    p.add_argument("--manifest", help="weights manifest YAML (default: the one shipped with dmdr)")
     p.add_argument("--dest", default=_default_dest(), help="destination folder (default $DMDR_WEIGHTS_DIR)")
     p.add_argument("--groups", help="comma-separated groups, 'all' or 'none' (default: the manifest's default_groups)")
     p.add_argument("--cache-dir", help="download cache; partial downloads resume from it (default <dest>/.fetch-cache)")
@@ -493,8 +513,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--groups", help="comma-separated groups or 'all' (default: the manifest's default_groups)")
     p.set_defaults(func=run_verify)
 
-    p = sub.add_parser("list", help="the groups and entries of a manifest")
-    p.add_argument("--manifest", required=True, help="weights manifest YAML")
+    p = sub.add_parser("list", help="the groups and entries of a manifest, with sizes and sha256")
+    p.add_argument("--manifest", help="weights manifest YAML (default: the one shipped with dmdr)")
     p.set_defaults(func=run_list)
 
 
@@ -507,7 +527,7 @@ def _need_dest(args: argparse.Namespace) -> Path:
 def run_fetch(args: argparse.Namespace) -> int:
     """``dmdr weights fetch``: download, verify and place; prints one line per entry."""
     set_hf_token_file(args.hf_token_file)
-    manifest = load_manifest(args.manifest)
+    manifest = load_manifest(args.manifest or DEFAULT_MANIFEST)
     dest = _need_dest(args)
     groups = parse_groups(args.groups)
     paths = fetch_weights(manifest, dest, groups, cache_dir=args.cache_dir,
@@ -530,12 +550,28 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    """``dmdr weights list``: entries by group, default groups marked."""
-    manifest = load_manifest(args.manifest)
+    """``dmdr weights list``: entries by group with size, sha256 and first source; a legend
+    explains the markers."""
+    manifest = load_manifest(args.manifest or DEFAULT_MANIFEST)
+    print(f"manifest: {manifest.path}")
+    print(f"  {'GROUP':<14} {'NAME':<48} {'SIZE':>9}  {'SHA256':<64}  SOURCE")
     for e in manifest.entries:
         mark = "*" if e.group in manifest.default_groups else " "
-        print(f"{mark} {e.group:<14} {e.name:<48} {e.sources[0]}")
+        size = _human(e.size) if e.size is not None else "?"
+        print(f"{mark} {e.group:<14} {e.name:<48} {size:>9}  {e.sha256 or '-':<64}  {e.sources[0]}")
+    print(f"* = a default group ({', '.join(manifest.default_groups) or 'none'}): fetched when --groups is not "
+          "given. SIZE ? = not pinned in the manifest; SHA256 - = not pinned (a folder, or a file checked only "
+          "against the record of its fetch).")
     return 0
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@
 #   TAG              image tag (default: git describe --tags --always --dirty)
 #   BASE_IMAGE       CUDA PyTorch base image (default: the Dockerfile's ARG)
 #   WEIGHTS          weight groups to bake in: comma-separated, "all" or "none" (default rewards)
-#   WEIGHTS_MANIFEST manifest inside the build context (default docker/weights.yaml)
+#   WEIGHTS_MANIFEST manifest inside the build context (default dmdr/assets/weights.yaml)
 #   PLATFORM         target platform, e.g. linux/amd64 (default: the builder's)
 #   HF_TOKEN_FILE    file with a Hugging Face token, passed as the BuildKit secret hf_token
 #   CA_BUNDLE_FILE   CA bundle (TLS-inspecting proxy), passed as the BuildKit secret ca_bundle
@@ -24,7 +24,7 @@ IMAGE_REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 IMAGE_SOURCE ?= https://github.com/dmdr/dmdr
 BASE_IMAGE ?=
 WEIGHTS ?= rewards
-WEIGHTS_MANIFEST ?= docker/weights.yaml
+WEIGHTS_MANIFEST ?= dmdr/assets/weights.yaml
 PLATFORM ?=
 HF_TOKEN_FILE ?=
 CA_BUNDLE_FILE ?=

@@ -106,14 +106,18 @@ def resolve_pretrained(spec: str, cache_dir: Path) -> Path:
     local = Path(spec).expanduser()
     if local.exists():
         return _check_diffusers_folder(local)
+    fix = ("pass --pretrained-model with a local diffusers SDXL folder (`dmdr weights fetch --groups sdxl-base`), "
+           "or try the pipeline with --preset tiny (a built-in tiny model)")
     if not _HUB_ID.match(spec) or _hub_offline():
-        raise UserError(
-            f"pretrained model {spec} is not a local diffusers SDXL folder; pass an existing "
-            "folder (see `dmdr weights`), `builtin:tiny`, or a hub id with HF_HUB_OFFLINE unset"
-        )
+        why = "HF_HUB_OFFLINE is set" if _HUB_ID.match(spec) else "it is neither a folder nor a hub id"
+        raise UserError(f"--pretrained-model {spec}: not a local folder, and {why}; {fix}")
     from huggingface_hub import snapshot_download
 
-    folder = snapshot_download(repo_id=spec, cache_dir=cache_dir / "hub", allow_patterns=_HUB_PATTERNS)
+    try:
+        folder = snapshot_download(repo_id=spec, cache_dir=cache_dir / "hub", allow_patterns=_HUB_PATTERNS)
+    except Exception as exc:  # offline, unknown repo, gated: the hub client raises many types
+        raise UserError(f"--pretrained-model {spec}: not a local folder, and the download from the Hugging Face "
+                        f"Hub failed ({type(exc).__name__}: no network, or a gated/unknown repo); {fix}") from None
     return _check_diffusers_folder(Path(folder))
 
 

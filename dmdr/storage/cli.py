@@ -9,9 +9,7 @@ import argparse
 from pathlib import Path
 
 from dmdr.errors import UserError
-from dmdr.storage.client import StorageConfig
-from dmdr.storage.layout import ONLY_GROUPS
-from dmdr.storage.remote import download_checkpoint, list_checkpoints, list_runs, require_latest
+from dmdr.storage.layout import ONLY_GROUPS  # light; the boto3 modules load in the commands
 
 
 def add_s3_options(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +24,8 @@ def add_s3_options(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, uri: str) -> StorageConfig:
     """A StorageConfig for `uri` from the flags of `add_s3_options`."""
+    from dmdr.storage.client import StorageConfig
+
     return StorageConfig(s3_uri=uri, endpoint_url=args.s3_endpoint_url, region=args.s3_region,
                          path_style=args.s3_path_style, profile=args.s3_profile)
 
@@ -59,6 +59,8 @@ def _human(size: int) -> str:
 
 def run_ls(args: argparse.Namespace) -> int:
     """Print the checkpoints of a run, or the runs under a prefix."""
+    from dmdr.storage.remote import list_checkpoints, list_runs
+
     cfg = config_from_args(args, args.uri)
     checkpoints = list_checkpoints(args.uri, cfg)
     if checkpoints:
@@ -80,6 +82,8 @@ def run_ls(args: argparse.Namespace) -> int:
 
 def run_pull(args: argparse.Namespace) -> int:
     """Download `--step` of a run into `--dest`, verifying every file."""
+    from dmdr.storage.remote import download_checkpoint, require_latest
+
     cfg = config_from_args(args, args.uri)
     if args.step == "latest":
         step = require_latest(args.uri, cfg)

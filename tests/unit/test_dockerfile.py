@@ -97,7 +97,7 @@ def test_weights_stage_fetcher_runs_from_exactly_the_copied_files(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", "import sys; sys.path.remove(''); import runpy; "
                           "runpy.run_module('dmdr.weights', run_name='__main__')", "list", "--manifest",
-                          str(REPO / "docker/weights.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True)
+                          str(REPO / "dmdr/assets/weights.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "Apple_CLIP-H-14-224.bin" in out.stdout
 

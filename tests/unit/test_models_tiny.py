@@ -163,7 +163,7 @@ def test_resolve_pretrained(tmp_path, tiny_path, monkeypatch):
     with pytest.raises(UserError, match="model_index.json"):
         resolve_pretrained(str(tmp_path / "empty"), tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="is not a local diffusers SDXL folder"):
+    with pytest.raises(UserError, match="not a local folder, and HF_HUB_OFFLINE is set; .*--preset tiny"):
         resolve_pretrained("stabilityai/stable-diffusion-xl-base-1.0", tmp_path)
     with pytest.raises(UserError, match="no resolver for gs://"):
         resolve_pretrained("gs://bucket/sdxl", tmp_path)

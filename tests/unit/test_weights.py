@@ -90,7 +90,7 @@ def write_manifest(path: Path, entries: list[dict], default_groups=("rewards",))
 
 # ------------------------------------------------------------------------------ manifest
 def test_default_manifest_names_the_reference_weights():
-    m = weights.load_manifest(REPO / "docker/weights.yaml")
+    m = weights.load_manifest(REPO / "dmdr/assets/weights.yaml")
     assert m.default_groups == ("rewards",)
     assert set(m.groups) == {"rewards", "taesdxl", "sdxl-base", "dmd2-ode-init", "prompts"}
     by_name = {e.name: e for e in m.entries}
@@ -184,6 +184,19 @@ def test_unreachable_source_falls_back_then_fails_naming_the_file(tmp_path, serv
         weights.fetch_weights(m, tmp_path / "w", ["more"], progress=False)
     text = str(err.value)
     assert "gone.bin" in text and "no source worked" in text and "HTTP 404" in text and "127.0.0.1:9" in text
+
+
+def test_unreachable_hub_is_named_as_such_not_as_a_missing_repository(tmp_path, monkeypatch):
+    monkeypatch.setattr("dmdr.weights.time.sleep", lambda s: None)  # skip the backoff waits
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    m = weights.load_manifest(write_manifest(tmp_path / "m.yaml", [
+        {"name": "x.bin", "group": "rewards", "sources": ["hf://owner/repo/x.bin"]}]))
+    with pytest.raises(UserError) as err:
+        weights.fetch_weights(m, tmp_path / "w", progress=False)
+    text = str(err.value)
+    assert "does not exist" not in text
+    assert "the Hugging Face Hub cannot be reached" in text and "HF_ENDPOINT" in text and "mirror" in text
 
 
 def test_local_file_and_folder_sources_and_tamper_detection(tmp_path):
