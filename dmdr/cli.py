@@ -60,7 +60,7 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line. It imports only light modules (no torch, numpy or boto3): each
     command imports what it needs when it runs, so `dmdr --help` answers at once."""
-    from dmdr import config, score, weights
+    from dmdr import config, score, weights_cli
     from dmdr.storage import cli as storage_cli
 
     parser = argparse.ArgumentParser(prog="dmdr", description="DMDR: one-step SDXL distillation with rewards.")
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     storage_cli.add_parsers(sub)
     sub.choices["ls"].set_defaults(func=storage_cli.run_ls)
     sub.choices["pull"].set_defaults(func=storage_cli.run_pull)
-    weights.add_parsers(sub)
+    weights_cli.add_parsers(sub)
     return parser
 
 
