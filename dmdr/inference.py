@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
 from dmdr import checkpoint, data
 from dmdr.config import TrainConfig
@@ -79,6 +81,35 @@ def sample_images(cfg: TrainConfig, parts: sdxl.SDXLParts, unet, prompts: list[s
     pe, pooled = sdxl.encode_prompts(parts, prompts, device)
     return seeded_images(lambda x, t: sdxl.predict_eps(unet, x, t, pe, pooled, cfg.resolution), parts.vae,
                          parts.alphas_cumprod, grid, prompts, seed, cfg.resolution, device)
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, columns) for ``n`` tiles: a landscape rectangle close to a square, with at most one
+    row not full (2 -> 1x2, 3 -> 1x3, 4 -> 2x2, 5/6 -> 2x3, 7/8 -> 2x4, 9 -> 3x3)."""
+    rows = max(1, math.isqrt(n))
+    return rows, max(1, math.ceil(n / rows))
+
+
+def sample_grid_path(samples_dir: Path, step: int, seed: int) -> Path:
+    """``samples/step-000600_seed-30.png``: the generator step and the base seed of the noise."""
+    return samples_dir / f"step-{step:06d}_seed-{seed}.png"
+
+
+def save_sample_grid(images: torch.Tensor, prompts: list[str], samples_dir: Path, step: int, seed: int) -> list[Path]:
+    """Save ``images`` as one grid PNG and, beside it (same name, ``.json``), each tile's prompt,
+    noise seed, row and column; returns [png, json]."""
+    rows, cols = grid_shape(len(images))
+    png = sample_grid_path(samples_dir, step, seed)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid(images, nrow=cols), png)
+    tiles = [{"row": i // cols, "col": i % cols, "prompt": p, "seed": data.prompt_seed(p, seed)}
+             for i, p in enumerate(prompts)]
+    meta = {"step": step, "seed": seed, "rows": rows, "cols": cols, "image": png.name, "tiles": tiles}
+    captions = png.with_suffix(".json")
+    tmp = captions.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, captions)
+    return [png, captions]
 
 
 def sample_to_dir(run_dir: Path, step: str, prompts: list[str], out_dir: Path, seed: int, device: str = "cpu") -> list[Path]:

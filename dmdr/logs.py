@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -99,28 +100,51 @@ class JsonlLog:
             f.write(json.dumps(row, sort_keys=False) + "\n")
 
 
-class Progress:
-    """Throughput and ETA for progress lines."""
+def format_duration(seconds: float) -> str:
+    """``HH:MM:SS``, with whole days in front past 24 h (``1d 03:46:40``); ``?`` when unknown."""
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return "?"
+    days, rest = divmod(int(round(max(seconds, 0.0))), 86400)
+    clock = f"{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
 
-    def __init__(self, total: int, start: int, images_per_step: int):
+
+def peak_gpu_memory_gib(device: Any) -> float | None:
+    """Peak memory allocated by torch on a CUDA ``device`` since the start, in GiB; None elsewhere."""
+    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+class Progress:
+    """Throughput and ETA for progress lines, from the rate over the last ``window`` calls (a
+    smoothed rate: one slow step, a checkpoint or a sample grid does not swing the ETA)."""
+
+    def __init__(self, total: int, start: int, images_per_step: int, window: int = 20,
+                 clock: Any = time.perf_counter):
         self.total, self.start = total, start
         self.images_per_step = images_per_step
-        self.t0 = time.perf_counter()
-        self.last_t, self.last_step = self.t0, start
+        self.clock = clock
+        self.marks: deque[tuple[float, int]] = deque([(clock(), start)], maxlen=window + 1)
 
     def rates(self, step: int) -> dict[str, float]:
-        now = time.perf_counter()
-        dt = max(now - self.last_t, 1e-9)
-        steps_per_s = (step - self.last_step) / dt
-        overall = (step - self.start) / max(now - self.t0, 1e-9)
-        self.last_t, self.last_step = now, step
-        eta = (self.total - step) / overall if overall > 0 else float("inf")
+        now = self.clock()
+        t_old, step_old = self.marks[0]
+        self.marks.append((now, step))
+        steps_per_s = (step - step_old) / max(now - t_old, 1e-9)
+        eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("inf")
         return {"steps_per_s": steps_per_s, "images_per_s": steps_per_s * self.images_per_step, "eta_s": eta}
 
     @staticmethod
-    def line(step: int, total: int, rates: dict[str, float], losses: dict[str, float]) -> str:
-        eta = rates["eta_s"]
-        eta_txt = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?"
-        parts = [f"step {step}/{total}", f"{rates['steps_per_s']:.3f} step/s", f"{rates['images_per_s']:.2f} img/s", f"ETA {eta_txt}"]
+    def line(step: int, total: int, rates: dict[str, float], losses: dict[str, float], lr: float | None = None,
+             peak_mem_gib: float | None = None) -> str:
+        parts = [f"step {step}/{total}", f"{rates['steps_per_s']:.3f} step/s", f"{rates['images_per_s']:.2f} img/s",
+                 f"ETA {format_duration(rates['eta_s'])}"]
         parts += [f"{k} {v:.4g}" for k, v in losses.items()]
+        if lr is not None:
+            parts.append(f"lr {lr:.3g}")
+        if peak_mem_gib is not None:
+            parts.append(f"peak mem {peak_mem_gib:.1f} GiB")
         return " | ".join(parts)

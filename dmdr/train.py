@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
-from torchvision.utils import make_grid, save_image
+from accelerate.utils import gather_object, set_seed
 
 from dmdr import components, data, inference
 from dmdr.checkpoint import Checkpointer
 from dmdr.config import TrainConfig, save_args
 from dmdr.dmd import losses, sampler, timesteps as ts
-from dmdr.logs import JsonlLog, Progress, setup_logging
+from dmdr.logs import JsonlLog, Progress, peak_gpu_memory_gib, setup_logging
 from dmdr.models import sdxl
 from dmdr.errors import UserError
 from dmdr.rewards import RewardSet, RewardSpec, check_reward_file
@@ -295,6 +294,7 @@ class Trainer:
 
     def write_gui_log(self, logs: dict[str, Any]) -> None:
         row = self._reduce(logs)
+        self.last_loss_gui = row.get("loss_gui")  # shown in the next progress line
         if self.acc.is_main_process:
             self.gui_log.append({"step": self.global_step, "inner_step": self.inner_step, **row, "time": time.time()})
 
@@ -309,7 +309,10 @@ class Trainer:
         if rates:
             full["images_per_s"] = rates["images_per_s"]
             shown = {k: row[k] for k in ("loss_dmd", "loss_gen", "clip", "hps") if k in row}
-            self.log.info(Progress.line(self.global_step, self.cfg.max_train_steps, rates, shown))
+            if self.last_loss_gui is not None:  # set by write_gui_log of this same step
+                shown["loss_gui"] = self.last_loss_gui
+            self.log.info(Progress.line(self.global_step, self.cfg.max_train_steps, rates, shown, lr=full["lr_gen"],
+                                        peak_mem_gib=peak_gpu_memory_gib(self.device)))
         self.gen_log.append(full)
         self.acc.log(row, step=self.global_step)
 
@@ -335,12 +338,12 @@ class Trainer:
                                              self.grid, prompts, cfg.seed, cfg.resolution, self.device, m.dtype)
         scores = self.sample_scores(images, prompts)
         images = self.acc.gather(images.contiguous())
+        all_prompts = gather_object(list(prompts))  # in rank order, as the images
         if self.acc.is_main_process:
-            out = self.run_dir / "samples" / f"step-{self.global_step:06d}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            save_image(make_grid(images, nrow=max(1, round(math.sqrt(images.shape[0])))), out)
-            self.storage.file_written(out)
-            self.log.info(f"samples: {out}")
+            paths = inference.save_sample_grid(images, all_prompts, self.run_dir / "samples", self.global_step, cfg.seed)
+            for path in paths:
+                self.storage.file_written(path)
+            self.log.info(f"samples: {paths[0]} (prompts: {paths[1].name})")
         return scores
 
     def sample_scores(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -36,7 +36,8 @@ def test_upload_then_resume_from_s3_in_an_empty_dir(tmp_path, moto, bucket):
     run_dmdr(tiny_args(tmp_path / "pod1", "e", cache, "--max-train-steps", "4", *common), cache, **aws_env())
     assert remote_json(moto, bucket, "runs/e/checkpoints/latest.json")["step"] == 4
     uploaded = keys(moto, bucket, "runs/e/")
-    for rel in ("args.json", "log.txt", "loss_logs/loss_gen_log.jsonl", "samples/step-000004.png",
+    for rel in ("args.json", "log.txt", "loss_logs/loss_gen_log.jsonl", "samples/step-000004_seed-30.png",
+                "samples/step-000004_seed-30.json",
                 "checkpoints/step-4.complete.json", "checkpoints/torch_units/step-4.pt"):
         assert f"runs/e/{rel}" in uploaded, rel
     manifest = remote_json(moto, bucket, "runs/e/checkpoints/step-4.complete.json")

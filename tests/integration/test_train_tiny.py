@@ -37,7 +37,13 @@ def test_layout(run6):
     assert not (ck / "lora_gen").exists()
     marker = json.loads((ck / "step-6.complete.json").read_text())
     assert marker["step"] == 6 and all((run / f["path"]).stat().st_size == f["size"] for f in marker["files"])
-    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step-000003.png", "step-000006.png"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step-000003_seed-30.json", "step-000003_seed-30.png", "step-000006_seed-30.json", "step-000006_seed-30.png"]
+    grid = json.loads((run / "samples" / "step-000006_seed-30.json").read_text())  # the prompts beside the PNG
+    assert (grid["step"], grid["seed"], grid["rows"], grid["cols"]) == (6, 30, 1, 2)  # 2 images side by side
+    assert [(t["row"], t["col"]) for t in grid["tiles"]] == [(0, 0), (0, 1)] and all(t["prompt"] for t in grid["tiles"])
+    line = next(x for x in (run / "log.txt").read_text().splitlines() if "step 6/6 |" in x)
+    assert "| loss_gui " in line and "| lr 0.0001" in line and "ETA 00:00:00" in line
     args = json.loads((run / "args.json").read_text())
     assert args["max_train_steps"] == 6 and args["resolution"] == 64
     assert "step 6/6" in (run / "log.txt").read_text()
