@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from dmdr import data
 from helpers_train import REPO, env, read_jsonl, tiny_args
 
 pytestmark = pytest.mark.slow
@@ -38,6 +39,10 @@ def test_torchrun_two_processes(tmp_path, rdzv):
     assert (tmp_path / "ddp" / "checkpoints" / "step-3.complete.json").is_file()
     # each rank's RNG state is saved, so a resume restores per-rank noise
     assert (tmp_path / "ddp" / "checkpoints" / "accelerator_1" / "step-3" / "random_states_1.pkl").is_file()
+    # the sample grid holds both ranks' images (2 x 2) and names their prompts in rank order
+    grid = json.loads((tmp_path / "ddp" / "samples" / "step-000003_seed-30.json").read_text())
+    assert (grid["rows"], grid["cols"]) == (2, 2)
+    assert [t["prompt"] for t in grid["tiles"]] == list(data.SAMPLE_PROMPTS[:4])
 
 
 def _torchrun(tmp_path, *args: str) -> list[str]:
