@@ -15,6 +15,7 @@ syncer picks up completed checkpoints from their markers.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -87,16 +88,22 @@ class Checkpointer:
 
     ``save_lora`` / ``load_lora`` callbacks write and read the adapters; the accelerators'
     own save/load hooks are set up by the trainer so accelerate skips frozen base weights.
+    With FSDP, ``sharded`` (a :class:`dmdr.fsdp.ShardedState`) saves and loads the models,
+    optimisers and adapters on every rank instead of the callbacks.
     """
 
     def __init__(self, run_dir: Path, acc_gen, acc_gui, *, keep_last: int = 0,
-                 protected: Callable[[], set[int]] = set):
+                 protected: Callable[[], set[int]] = set, sharded=None):
         self.run_dir = run_dir
         self.protected = protected  # steps retention must keep (e.g. still uploading)
         self.dir = run_dir / "checkpoints"
         self.acc_gen, self.acc_gui = acc_gen, acc_gui
         self.keep_last = keep_last
+        self.sharded = sharded
         self.log = get_logger()
+
+    def _accelerate_state(self):
+        return self.sharded.accelerate_state() if self.sharded else contextlib.nullcontext()
 
     # --- saving ------------------------------------------------------------------------
     def save(self, step: int, units: dict[str, Any], save_adapters: Callable[[Path, Path], None],
@@ -111,10 +118,14 @@ class Checkpointer:
                 _remove(p)
             (self.dir / UNITS).mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
-        self.acc_gen.save_state(str(self.dir / "accelerator_1" / f"step-{step}"))
-        self.acc_gui.save_state(str(self.dir / "accelerator_2" / f"step-{step}"))
+        with self._accelerate_state():
+            self.acc_gen.save_state(str(self.dir / "accelerator_1" / f"step-{step}"))
+            self.acc_gui.save_state(str(self.dir / "accelerator_2" / f"step-{step}"))
+        if self.sharded:
+            self.sharded.save(self.dir, step)
         if acc.is_main_process:
-            save_adapters(self.dir / "lora_gen" / f"step-{step}", self.dir / "lora_gui" / f"step-{step}")
+            if not self.sharded:
+                save_adapters(self.dir / "lora_gen" / f"step-{step}", self.dir / "lora_gui" / f"step-{step}")
             units_path = self.dir / UNITS / f"step-{step}.pt"
             tmp = units_path.with_suffix(".pt.tmp")
             torch.save(units, tmp)
@@ -210,9 +221,13 @@ class Checkpointer:
                 "resume from another step or use --resume-ckpt auto"
             )
         try:
-            self.acc_gen.load_state(str(ckpt_dir / "accelerator_1" / f"step-{step}"))
-            self.acc_gui.load_state(str(ckpt_dir / "accelerator_2" / f"step-{step}"))
-            load_adapters(ckpt_dir / "lora_gen" / f"step-{step}", ckpt_dir / "lora_gui" / f"step-{step}")
+            with self._accelerate_state():
+                self.acc_gen.load_state(str(ckpt_dir / "accelerator_1" / f"step-{step}"))
+                self.acc_gui.load_state(str(ckpt_dir / "accelerator_2" / f"step-{step}"))
+            if self.sharded:
+                self.sharded.load(ckpt_dir, step)
+            else:
+                load_adapters(ckpt_dir / "lora_gen" / f"step-{step}", ckpt_dir / "lora_gui" / f"step-{step}")
             units = torch.load(ckpt_dir / UNITS / f"step-{step}.pt", map_location="cpu", weights_only=True)
         except UserError:
             raise

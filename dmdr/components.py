@@ -24,7 +24,7 @@ INFERENCE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bf
 def make_accelerators(cfg: TrainConfig) -> tuple[Accelerator, Accelerator]:
     """Two accelerators sharing one process group: ``accelerator_1`` owns the generator and
     its optimiser, ``accelerator_2`` the guidance model (the reference's checkpoint layout).
-    With DDP or FSDP both prepare their model on the same devices."""
+    With DDP both prepare their model on the same devices; FSDP is applied by ``dmdr.fsdp``."""
     kwargs: dict[str, Any] = {
         "cpu": not torch.cuda.is_available(),  # accelerate only goes multi-process (gloo) on CPU when told
         "mixed_precision": cfg.mixed_precision,
@@ -36,19 +36,6 @@ def make_accelerators(cfg: TrainConfig) -> tuple[Accelerator, Accelerator]:
     }
     if cfg.report_to != "none":
         kwargs["log_with"] = cfg.report_to
-    if cfg.distributed == "fsdp":
-        if not torch.cuda.is_available():
-            raise UserError("--distributed fsdp needs CUDA GPUs (accelerate's FSDP does not run on CPU); use --distributed ddp")
-        from accelerate import FullyShardedDataParallelPlugin
-
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            sharding_strategy="FULL_SHARD",
-            auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=["BasicTransformerBlock", "ResnetBlock2D"],
-            use_orig_params=True,
-            sync_module_states=True,
-            state_dict_type="SHARDED_STATE_DICT",
-        )
     acc_gen = Accelerator(**kwargs)
     kwargs.pop("log_with", None)
     acc_gui = Accelerator(**kwargs)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torchvision.utils import make_grid, save_image
 
-from dmdr import checkpoint, data
+from dmdr import checkpoint, data, fsdp
 from dmdr.config import TrainConfig
 from dmdr.dmd import sampler, timesteps as ts
 from dmdr.errors import UserError
@@ -50,10 +50,13 @@ def load_generator(cfg: TrainConfig, run_dir: Path, step: int, device: torch.dev
         sdxl.add_generator_lora(unet, rank=2 * cfg.lora_rank, alpha=4 * cfg.lora_rank)
         sdxl.load_lora(unet, ckpt / "lora_gen" / f"step-{step}")
     else:
-        weights = ckpt / "accelerator_1" / f"step-{step}" / "model.safetensors"
-        if not weights.is_file():
-            raise UserError(f"{weights} is missing: the checkpoint is incomplete or was written with FSDP sharding")
-        unet.load_state_dict(load_file(str(weights)), strict=True)
+        step_dir = ckpt / "accelerator_1" / f"step-{step}"
+        if fsdp.has_shards(step_dir):  # --distributed fsdp: consolidated here, from any number of shards
+            fsdp.load_full_model(unet, step_dir)
+        elif (step_dir / "model.safetensors").is_file():
+            unet.load_state_dict(load_file(str(step_dir / "model.safetensors")), strict=True)
+        else:
+            raise UserError(f"{step_dir} has neither model.safetensors nor FSDP shards: the checkpoint is incomplete")
     for m in (parts.text_encoder_one, parts.text_encoder_two, parts.vae, unet):
         m.to(device).eval()
     parts.alphas_cumprod = parts.alphas_cumprod.to(device)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object, set_seed
 
-from dmdr import components, data, inference
+from dmdr import components, data, fsdp, inference
 from dmdr.checkpoint import Checkpointer
 from dmdr.config import TrainConfig, save_args
 from dmdr.dmd import losses, sampler, timesteps as ts
@@ -82,7 +82,7 @@ class Trainer:
         self.global_step = 0  # generator updates
         self.inner_step = 0  # guidance updates
         self.ckpt = Checkpointer(self.run_dir, self.acc, self.acc_gui, keep_last=cfg.keep_last,
-                                 protected=self.storage.uploading)
+                                 protected=self.storage.uploading, sharded=self.sharded)
         self.gen_log = JsonlLog(self.run_dir / "loss_logs" / "loss_gen_log.jsonl", key="step")
         self.gui_log = JsonlLog(self.run_dir / "loss_logs" / "loss_gui_log.jsonl", key="inner_step")
         set_seed(cfg.seed + acc.process_index)  # different noise per rank
@@ -96,12 +96,16 @@ class Trainer:
     def prepare_models(self, generator: torch.nn.Module, guidance: torch.nn.Module) -> None:
         """Optimisers, LR schedulers and the accelerators' wrapping of both models."""
         cfg = self.cfg
+        if cfg.distributed == "fsdp":  # sharded first: the optimisers must hold the sharded parameters
+            generator, guidance = fsdp.shard(generator, cfg.mixed_precision), fsdp.shard(guidance, cfg.mixed_precision)
         opt_gen = components.make_optimizer(cfg, components.trainable(generator), cfg.learning_rate_gen, cfg.adam_weight_decay)
         opt_gui = components.make_optimizer(cfg, components.trainable(guidance), cfg.learning_rate_gui, 0.0)
         components.register_adapter_hooks(self.acc, skip_weights=cfg.use_lora_gen)
         components.register_adapter_hooks(self.acc_gui, skip_weights=True)
-        self.gen, self.opt_gen, self.sched_gen = self.acc.prepare(generator, opt_gen, components.make_scheduler(cfg, opt_gen))
-        self.gui, self.opt_gui, self.sched_gui = self.acc_gui.prepare(guidance, opt_gui, components.make_scheduler(cfg, opt_gui))
+        self.gen, self.opt_gen, self.sched_gen = fsdp.prepare(self.acc, generator, opt_gen, components.make_scheduler(cfg, opt_gen))
+        self.gui, self.opt_gui, self.sched_gui = fsdp.prepare(self.acc_gui, guidance, opt_gui, components.make_scheduler(cfg, opt_gui))
+        self.sharded = fsdp.ShardedState(self.acc, self.gen, self.opt_gen, self.acc_gui, self.gui, self.opt_gui,
+                                         lora_gen=cfg.use_lora_gen) if cfg.distributed == "fsdp" else None
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return sdxl.encode_prompts(self.models.parts, prompts, self.device)

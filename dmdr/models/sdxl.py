@@ -354,13 +354,18 @@ def _lora_meta(unet: torch.nn.Module) -> dict:
     }
 
 
-def save_lora(unet: torch.nn.Module, directory: str | Path) -> Path:
-    """Write the adapter (adapter_model.safetensors + adapter_config.json) into `directory`."""
+def save_lora(unet: torch.nn.Module, directory: str | Path, state: dict[str, Tensor] | None = None) -> Path:
+    """Write the adapter (adapter_model.safetensors + adapter_config.json) into `directory`.
+    `state`: the weights by parameter name when `unet`'s own are sharded (FSDP's gathered state dict)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(unet).items()}
+    if state is None:
+        state = lora_state_dict(unet)
+    else:
+        state = {k.replace(f".{ADAPTER}.", "."): v for k, v in state.items() if ".lora_" in k}
+    tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
     for name, write in (
         (LORA_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"})),
         (LORA_CONFIG, lambda p: p.write_text(json.dumps(_lora_meta(unet), indent=2) + "\n")),
