@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from accelerate.utils import broadcast_object_list
 
@@ -154,9 +155,12 @@ class RunStorage:
         get_logger().info(f"syncing {self.run_dir} to {self.remote}")
 
     # --- during training ------------------------------------------------------------------
-    def before_save(self) -> None:
-        """The previous checkpoint's upload must finish before the next save (unless the store is down)."""
-        if self.syncer is not None and not self.syncer.wait_checkpoint(timeout=self.cfg.s3_wait_timeout):
+    def before_save(self, stop: Callable[[], bool] | None = None) -> None:
+        """The previous checkpoint's upload must finish before the next save (unless the store is
+        down, or `stop()` turns true: a stop request ends the wait within a second)."""
+        if self.syncer is None or self.syncer.wait_checkpoint(timeout=self.cfg.s3_wait_timeout, stop=stop):
+            return
+        if stop is None or not stop():
             get_logger().warning(
                 f"WARNING: the previous checkpoint is not uploaded yet (store slow or down); saving locally and "
                 f"training on: the newest checkpoint is uploaded when {self.remote} answers again")
@@ -176,8 +180,11 @@ class RunStorage:
         if self.syncer is not None:
             self.syncer.upload(path.relative_to(self.run_dir).as_posix())
 
-    def close(self, timeout: float | None) -> bool:
-        """Upload what is pending (logs included) within ``timeout`` seconds; True when all went."""
+    def close(self, timeout: float | None, stop: Callable[[], bool] | None = None) -> bool:
+        """Upload what is pending (logs included) within ``timeout`` seconds; True when all went.
+        Once `stop()` is true (a signal), at most ``--shutdown-grace`` more seconds are spent."""
         if self.syncer is None:
             return True
+        if stop is not None and not self.syncer.flush(timeout, stop=stop):
+            timeout = self.cfg.shutdown_grace if stop() else 0
         return self.syncer.close(timeout)
