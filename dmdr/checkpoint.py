@@ -53,6 +53,29 @@ def loadable_steps(ckpt_dir: Path) -> list[int]:
     return [s for s in complete_steps(ckpt_dir) if (ckpt_dir / UNITS / f"step-{s}.pt").is_file()]
 
 
+def verify_checkpoint(ckpt_dir: Path, step: int, hashes: bool = False) -> None:
+    """Check every file of checkpoint ``step`` against its marker: present, the size it lists,
+    and with `hashes` the sha256 where the marker has one (markers of pulled checkpoints do). Raises a
+    UserError naming the first damaged file: loading it would fail, or (a truncated RNG state)
+    silently continue on another random stream."""
+    from dmdr.storage.hashio import sha256_file
+    from dmdr.storage.layout import read_local_marker
+
+    run_dir = ckpt_dir.parent
+    for entry in read_local_marker(run_dir, step).files:
+        path = run_dir / entry.path
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            problem = f"{entry.path} is unreadable ({e.strerror})"
+        else:
+            problem = None if size == entry.size else f"{entry.path} is {size} bytes, the marker says {entry.size}"
+            if problem is None and hashes and entry.sha256 and sha256_file(path) != entry.sha256:
+                problem = f"{entry.path} does not match the marker's sha256"
+        if problem:
+            raise UserError(f"checkpoint step-{step} in {ckpt_dir} is damaged: {problem}")
+
+
 def step_paths(ckpt_dir: Path, step: int) -> list[Path]:
     """Every path that belongs to checkpoint ``step`` (existing or not)."""
     return [ckpt_dir / part / f"step-{step}" for part in PARTS] + [ckpt_dir / UNITS / f"step-{step}.pt"]
@@ -209,6 +232,7 @@ class Checkpointer:
                 f"checkpoint step-{step} in {ckpt_dir} is incomplete (no {marker_path(ckpt_dir, step).name}); "
                 "resume from another step or use --resume-ckpt auto"
             )
+        verify_checkpoint(ckpt_dir, step)
         try:
             self.acc_gen.load_state(str(ckpt_dir / "accelerator_1" / f"step-{step}"))
             self.acc_gui.load_state(str(ckpt_dir / "accelerator_2" / f"step-{step}"))

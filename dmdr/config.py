@@ -252,14 +252,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = _parse_optional(tp) if _TYPES[name] != tp else tp
+            kw["type"] = _parse_optional(tp, keep_empty=name in _EMPTY_IS_ERROR) if _TYPES[name] != tp else tp
             choices = f.metadata.get("choices")
             kw["metavar"] = "{" + ",".join(choices) + "}" if choices else tp.__name__.upper()
         group.add_argument(flag, **kw)
 
 
-def _parse_optional(tp: type):
+# An empty value here is an unset template variable, not "none": `validate` refuses it.
+_EMPTY_IS_ERROR = ("resume_ckpt", "init_ckpt")
+
+
+def _parse_optional(tp: type, keep_empty: bool = False):
     def parse(text: str):
+        if text == "" and keep_empty:
+            return text
         return None if text.lower() in ("", "none", "null") else tp(text)
 
     parse.__name__ = tp.__name__
@@ -329,8 +335,10 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--conditioning-timestep: {cfg.conditioning_timestep} must be in [0, 999]")
     if cfg.s3_uri is not None and not cfg.s3_uri.startswith("s3://"):
         raise UserError(f"--s3-uri: {cfg.s3_uri!r} is not an s3://bucket/prefix URI")
-    if cfg.resume_ckpt is not None and cfg.resume_ckpt == "":
-        raise UserError("--resume-ckpt: give a path, 'latest' or 'auto'")
+    for name in _EMPTY_IS_ERROR:
+        if getattr(cfg, name) is not None and not getattr(cfg, name).strip():
+            raise UserError(f"--{name.replace('_', '-')}: the value is empty; give a checkpoint path"
+                            + (", 'latest' or 'auto'" if name == "resume_ckpt" else "") + " (or leave the flag out)")
     for spec in (cfg.resume_ckpt, cfg.init_ckpt):
         if spec is not None and spec.startswith("s3://"):
             from dmdr.storage.uri import S3Uri

@@ -403,7 +403,9 @@ class Trainer:
         cfg = self.cfg
         if self.storage.enabled and cfg.resume_ckpt in ("auto", "latest"):
             # every node resumes the step they agreed on, pulled from the store where missing
-            candidates = [] if self.agreed_step is None else [(self.ckpt.dir, self.agreed_step)]
+            # (older local ones only if it still fails to load)
+            candidates = [] if self.agreed_step is None else [
+                c for c in self.ckpt.resolve("auto") if c[1] <= self.agreed_step]
             if not candidates and cfg.resume_ckpt == "latest":
                 raise UserError(f"--resume-ckpt latest: no complete checkpoint in {self.run_dir} or {self.storage.remote}")
         else:

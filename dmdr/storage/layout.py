@@ -120,6 +120,14 @@ class Manifest:
                             "re-save or re-pull that checkpoint.") from None
 
 
+def verification(manifest: Manifest) -> str:
+    """What a verified transfer of `manifest`'s files checked, in words (never more than ran)."""
+    missing = sum(1 for f in manifest.files if not f.sha256)
+    if not missing:
+        return "sha256 verified"
+    return f"sizes verified; the manifest has no sha256 for {missing} of {len(manifest.files)} file(s)"
+
+
 def read_local_marker(exp_dir: Path, step: int) -> Manifest:
     """Read step N's local completion marker (UserError when it is missing or malformed)."""
     path = Path(exp_dir) / marker_rel(step)
