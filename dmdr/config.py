@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -258,6 +260,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, **kw)
 
 
+_EXP_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
 # An empty value here is an unset template variable, not "none": `validate` refuses it.
 _EMPTY_IS_ERROR = ("resume_ckpt", "init_ckpt")
 
@@ -312,10 +316,15 @@ def _coerce(name: str, value: Any) -> Any:
                     raise ValueError
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
+        if tp in (int, float) and isinstance(value, bool):  # YAML `true` is not the number 1
+            raise ValueError
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
-        return tp(value)
-    except (TypeError, ValueError):
+        value = tp(value)
+        if tp is float and not math.isfinite(value):
+            raise UserError(f"{flag}: {value!r} is not a finite number")
+        return value
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{flag}: {value!r} is not a valid {tp.__name__}") from None
 
 
@@ -329,6 +338,9 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"{flag}: {value!r} is not allowed; choose one of {', '.join(choices)}")
         if lo is not None and value is not None and value < lo:
             raise UserError(f"{flag}: {value!r} is too small; it must be >= {lo}")
+    if not _EXP_NAME_RE.fullmatch(cfg.exp_name) or cfg.exp_name in (".", ".."):
+        raise UserError(f"--exp-name: {cfg.exp_name!r} must be one folder name of letters, digits, '.', '_' or '-' "
+                        "(at most 128 characters): it names <output-dir>/<exp-name> and <s3-uri>/<exp-name>/")
     if cfg.resolution % 8:
         raise UserError(f"--resolution: {cfg.resolution} must be a multiple of 8 (the VAE downsamples by 8)")
     if not 0 <= cfg.conditioning_timestep <= 999:
