@@ -21,8 +21,9 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -105,6 +106,28 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+@contextmanager
+def _disk_errors(ckpt_dir: Path, step: int) -> Iterator[None]:
+    """A save that fails on the disk (full, read-only, quota, file size limit) is one line naming
+    the path and the cause; the partial save has no marker, so it is ignored and replaced later."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - only write failures are translated, the rest re-raised
+        text = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if not isinstance(exc, OSError) and not any(k in text for k in _WRITE_FAILURES):
+            raise
+        free = shutil.disk_usage(ckpt_dir if ckpt_dir.exists() else ckpt_dir.parent).free / 2**30
+        raise UserError(
+            f"saving checkpoint step-{step} in {ckpt_dir} failed ({text.splitlines()[0][:300]}; {free:.1f} GiB "
+            "free): free disk space or make it writable, then resume with --resume-ckpt auto (the partial "
+            "save has no marker and is ignored)"
+        ) from None
+
+
+# How write failures show up in torch (inline_container) and safetensors (IoError) messages.
+_WRITE_FAILURES = ("inline_container", "IoError", "No space left", "File too large", "Read-only", "Disk quota")
+
+
 class Checkpointer:
     """Saves and loads training state for a pair of accelerators (generator, guidance).
 
@@ -128,27 +151,28 @@ class Checkpointer:
         acc = self.acc_gen
         marker = marker_path(self.dir, step)
         t0 = time.perf_counter()
-        if acc.is_local_main_process:  # a re-save of the same step (or a crashed one) starts clean
-            _remove(marker)
-            for p in step_paths(self.dir, step):
-                _remove(p)
-            (self.dir / UNITS).mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
-        self.acc_gen.save_state(str(self.dir / "accelerator_1" / f"step-{step}"))
-        self.acc_gui.save_state(str(self.dir / "accelerator_2" / f"step-{step}"))
-        if acc.is_main_process:
-            save_adapters(self.dir / "lora_gen" / f"step-{step}", self.dir / "lora_gui" / f"step-{step}")
-            units_path = self.dir / UNITS / f"step-{step}.pt"
-            tmp = units_path.with_suffix(".pt.tmp")
-            torch.save(units, tmp)
-            tmp.replace(units_path)
-        acc.wait_for_everyone()
-        if acc.is_local_main_process:
-            files = _files_of(self.run_dir, step_paths(self.dir, step))
-            _write_json_atomic(marker, {
-                "step": step, "files": files, "world_size": acc.num_processes, "time": time.time(),
-            })
-        acc.wait_for_everyone()
+        with _disk_errors(self.dir, step):
+            if acc.is_local_main_process:  # a re-save of the same step (or a crashed one) starts clean
+                _remove(marker)
+                for p in step_paths(self.dir, step):
+                    _remove(p)
+                (self.dir / UNITS).mkdir(parents=True, exist_ok=True)
+            acc.wait_for_everyone()
+            self.acc_gen.save_state(str(self.dir / "accelerator_1" / f"step-{step}"))
+            self.acc_gui.save_state(str(self.dir / "accelerator_2" / f"step-{step}"))
+            if acc.is_main_process:
+                save_adapters(self.dir / "lora_gen" / f"step-{step}", self.dir / "lora_gui" / f"step-{step}")
+                units_path = self.dir / UNITS / f"step-{step}.pt"
+                tmp = units_path.with_suffix(".pt.tmp")
+                torch.save(units, tmp)
+                tmp.replace(units_path)
+            acc.wait_for_everyone()
+            if acc.is_local_main_process:
+                files = _files_of(self.run_dir, step_paths(self.dir, step))
+                _write_json_atomic(marker, {
+                    "step": step, "files": files, "world_size": acc.num_processes, "time": time.time(),
+                })
+            acc.wait_for_everyone()
         self.log.info(f"saved checkpoint step-{step} in {time.perf_counter() - t0:.1f}s: {marker}")
         if prune and acc.is_local_main_process:
             self.prune()

@@ -112,6 +112,8 @@ def run_pull(args: argparse.Namespace) -> int:
     """Download `--step` of a run into `--dest`, verifying every file."""
     from dmdr.storage.remote import download_checkpoint, require_latest
 
+    if args.dest.exists() and not args.dest.is_dir():
+        raise UserError(f"--dest {args.dest} is a file, not a folder: give the experiment folder to pull into.")
     cfg = config_from_args(args, args.uri)
     if args.step == "latest":
         step = require_latest(args.uri, cfg)

@@ -79,3 +79,22 @@ def test_pull_says_what_it_verified_and_names_a_missing_object(run, moto, bucket
                           "--s3-endpoint-url", moto.endpoint)
     assert code == 2 and f"s3://{bucket}/{gone} is missing" in err
     assert not list((tmp_path / "b").glob(".dmdr-pull-step-*"))  # no temporary folder left behind
+
+
+@pytest.mark.parametrize("odd", ["checkpoints/a\x00b", "checkpoints/./x", "checkpoints", "checkpoints/accelerator_1",
+                                 "checkpoints/accelerator_1/step-2/model.safetensors"])
+def test_pull_refuses_odd_manifest_entries_and_a_file_as_dest(odd, run, moto, bucket, tmp_path, capsys):
+    s3 = moto.client()
+    key = "runs/e/checkpoints/step-2.complete.json"
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    manifest["files"].append({"path": odd, "size": 1, "sha256": "0" * 64})  # a folder name, or a duplicate
+    s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(manifest).encode())
+    dest = tmp_path / "dest"
+    code, out, err = dmdr(capsys, "pull", run, "--step", "2", "--dest", str(dest), "--s3-endpoint-url", moto.endpoint)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "step-2.complete.json is malformed" in err, err
+    assert not dest.exists() or not list(dest.glob(".dmdr-pull-step-*"))
+
+    (tmp_path / "afile").write_text("x")
+    code, out, err = dmdr(capsys, "pull", run, "--step", "1", "--dest", str(tmp_path / "afile"),
+                          "--s3-endpoint-url", moto.endpoint)
+    assert code == 2 and "is a file, not a folder" in err
