@@ -91,6 +91,7 @@ class Trainer:
         resumed = self.resume()
         self.storage.start(resumed)
         self.stop_signal: int | None = None
+        self.stop_time: float | None = None  # when this rank got it (time.monotonic)
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_sigterm)
         if cfg.report_to != "none":
@@ -152,6 +153,7 @@ class Trainer:
     # --- shutdown on SIGTERM (pod eviction, kubectl delete) --------------------------------
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_signal = signum
+        self.stop_time = time.monotonic()
 
     def stop_seen(self) -> bool:
         """This rank got a stop signal (no collective: safe inside waits of one rank)."""
@@ -175,7 +177,9 @@ class Trainer:
         self.log.warning(f"{name} received: stopping at generator step {self.global_step}")
         if cfg.checkpoint_on_sigterm and not saved:
             self.save()
-        flushed = self.storage.close(timeout=cfg.shutdown_grace)
+        # the grace counts from the signal: the step and the save before this took part of it
+        grace = max(1.0, cfg.shutdown_grace - (time.monotonic() - self.stop_time if self.stop_time else 0.0))
+        flushed = self.storage.close(timeout=grace)
         if self.storage.enabled:
             self.log.warning(f"{name}: pending uploads " + ("flushed" if flushed else
                              f"NOT all flushed within {cfg.shutdown_grace:.0f}s (--shutdown-grace)"))
