@@ -22,8 +22,9 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -52,6 +53,29 @@ def loadable_steps(ckpt_dir: Path) -> list[int]:
     filesystem a node other than the first holds only its own RNG states and a marker; its
     checkpoints are not loadable there (resume pulls them from the store instead)."""
     return [s for s in complete_steps(ckpt_dir) if (ckpt_dir / UNITS / f"step-{s}.pt").is_file()]
+
+
+def verify_checkpoint(ckpt_dir: Path, step: int, hashes: bool = False) -> None:
+    """Check every file of checkpoint ``step`` against its marker: present, the size it lists,
+    and with `hashes` the sha256 where the marker has one (markers of pulled checkpoints do). Raises a
+    UserError naming the first damaged file: loading it would fail, or (a truncated RNG state)
+    silently continue on another random stream."""
+    from dmdr.storage.hashio import sha256_file
+    from dmdr.storage.layout import read_local_marker
+
+    run_dir = ckpt_dir.parent
+    for entry in read_local_marker(run_dir, step).files:
+        path = run_dir / entry.path
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            problem = f"{entry.path} is unreadable ({e.strerror})"
+        else:
+            problem = None if size == entry.size else f"{entry.path} is {size} bytes, the marker says {entry.size}"
+            if problem is None and hashes and entry.sha256 and sha256_file(path) != entry.sha256:
+                problem = f"{entry.path} does not match the marker's sha256"
+        if problem:
+            raise UserError(f"checkpoint step-{step} in {ckpt_dir} is damaged: {problem}")
 
 
 def step_paths(ckpt_dir: Path, step: int) -> list[Path]:
@@ -83,6 +107,28 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+@contextmanager
+def _disk_errors(ckpt_dir: Path, step: int) -> Iterator[None]:
+    """A save that fails on the disk (full, read-only, quota, file size limit) is one line naming
+    the path and the cause; the partial save has no marker, so it is ignored and replaced later."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - only write failures are translated, the rest re-raised
+        text = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if not isinstance(exc, OSError) and not any(k in text for k in _WRITE_FAILURES):
+            raise
+        free = shutil.disk_usage(ckpt_dir if ckpt_dir.exists() else ckpt_dir.parent).free / 2**30
+        raise UserError(
+            f"saving checkpoint step-{step} in {ckpt_dir} failed ({text.splitlines()[0][:300]}; {free:.1f} GiB "
+            "free): free disk space or make it writable, then resume with --resume-ckpt auto (the partial "
+            "save has no marker and is ignored)"
+        ) from None
+
+
+# How write failures show up in torch (inline_container) and safetensors (IoError) messages.
+_WRITE_FAILURES = ("inline_container", "IoError", "No space left", "File too large", "Read-only", "Disk quota")
+
+
 class Checkpointer:
     """Saves and loads training state for a pair of accelerators (generator, guidance).
 
@@ -112,31 +158,32 @@ class Checkpointer:
         acc = self.acc_gen
         marker = marker_path(self.dir, step)
         t0 = time.perf_counter()
-        if acc.is_local_main_process:  # a re-save of the same step (or a crashed one) starts clean
-            _remove(marker)
-            for p in step_paths(self.dir, step):
-                _remove(p)
-            (self.dir / UNITS).mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
-        with self._accelerate_state():
-            self.acc_gen.save_state(str(self.dir / "accelerator_1" / f"step-{step}"))
-            self.acc_gui.save_state(str(self.dir / "accelerator_2" / f"step-{step}"))
-        if self.sharded:
-            self.sharded.save(self.dir, step)
-        if acc.is_main_process:
-            if not self.sharded:
-                save_adapters(self.dir / "lora_gen" / f"step-{step}", self.dir / "lora_gui" / f"step-{step}")
-            units_path = self.dir / UNITS / f"step-{step}.pt"
-            tmp = units_path.with_suffix(".pt.tmp")
-            torch.save(units, tmp)
-            tmp.replace(units_path)
-        acc.wait_for_everyone()
-        if acc.is_local_main_process:
-            files = _files_of(self.run_dir, step_paths(self.dir, step))
-            _write_json_atomic(marker, {
-                "step": step, "files": files, "world_size": acc.num_processes, "time": time.time(),
-            })
-        acc.wait_for_everyone()
+        with _disk_errors(self.dir, step):
+            if acc.is_local_main_process:  # a re-save of the same step (or a crashed one) starts clean
+                _remove(marker)
+                for p in step_paths(self.dir, step):
+                    _remove(p)
+                (self.dir / UNITS).mkdir(parents=True, exist_ok=True)
+            acc.wait_for_everyone()
+            with self._accelerate_state():
+                self.acc_gen.save_state(str(self.dir / "accelerator_1" / f"step-{step}"))
+                self.acc_gui.save_state(str(self.dir / "accelerator_2" / f"step-{step}"))
+            if self.sharded:
+                self.sharded.save(self.dir, step)
+            if acc.is_main_process:
+                if not self.sharded:
+                    save_adapters(self.dir / "lora_gen" / f"step-{step}", self.dir / "lora_gui" / f"step-{step}")
+                units_path = self.dir / UNITS / f"step-{step}.pt"
+                tmp = units_path.with_suffix(".pt.tmp")
+                torch.save(units, tmp)
+                tmp.replace(units_path)
+            acc.wait_for_everyone()
+            if acc.is_local_main_process:
+                files = _files_of(self.run_dir, step_paths(self.dir, step))
+                _write_json_atomic(marker, {
+                    "step": step, "files": files, "world_size": acc.num_processes, "time": time.time(),
+                })
+            acc.wait_for_everyone()
         self.log.info(f"saved checkpoint step-{step} in {time.perf_counter() - t0:.1f}s: {marker}")
         if prune and acc.is_local_main_process:
             self.prune()
@@ -220,6 +267,7 @@ class Checkpointer:
                 f"checkpoint step-{step} in {ckpt_dir} is incomplete (no {marker_path(ckpt_dir, step).name}); "
                 "resume from another step or use --resume-ckpt auto"
             )
+        verify_checkpoint(ckpt_dir, step)
         try:
             with self._accelerate_state():
                 self.acc_gen.load_state(str(ckpt_dir / "accelerator_1" / f"step-{step}"))

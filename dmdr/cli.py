@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -106,6 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # the disk refused a write (read-only, full, quota): one line, not a traceback
+        if e.filename is None or e.errno not in _DISK_ERRNOS:
+            raise
+        print(f"dmdr {args.command}: error: {e.strerror}: {e.filename}; make that place writable "
+              "(or free space there) and run again", file=sys.stderr, flush=True)
+        return 2
+
+
+_DISK_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
+                errno.EEXIST}
 
 
 if __name__ == "__main__":

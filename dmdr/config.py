@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -252,14 +254,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = _parse_optional(tp) if _TYPES[name] != tp else tp
+            kw["type"] = _parse_optional(tp, keep_empty=name in _EMPTY_IS_ERROR) if _TYPES[name] != tp else tp
             choices = f.metadata.get("choices")
             kw["metavar"] = "{" + ",".join(choices) + "}" if choices else tp.__name__.upper()
         group.add_argument(flag, **kw)
 
 
-def _parse_optional(tp: type):
+_EXP_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+# An empty value here is an unset template variable, not "none": `validate` refuses it.
+_EMPTY_IS_ERROR = ("resume_ckpt", "init_ckpt")
+
+
+def _parse_optional(tp: type, keep_empty: bool = False):
     def parse(text: str):
+        if text == "" and keep_empty:
+            return text
         return None if text.lower() in ("", "none", "null") else tp(text)
 
     parse.__name__ = tp.__name__
@@ -306,10 +316,15 @@ def _coerce(name: str, value: Any) -> Any:
                     raise ValueError
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
+        if tp in (int, float) and isinstance(value, bool):  # YAML `true` is not the number 1
+            raise ValueError
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
-        return tp(value)
-    except (TypeError, ValueError):
+        value = tp(value)
+        if tp is float and not math.isfinite(value):
+            raise UserError(f"{flag}: {value!r} is not a finite number")
+        return value
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{flag}: {value!r} is not a valid {tp.__name__}") from None
 
 
@@ -323,14 +338,19 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"{flag}: {value!r} is not allowed; choose one of {', '.join(choices)}")
         if lo is not None and value is not None and value < lo:
             raise UserError(f"{flag}: {value!r} is too small; it must be >= {lo}")
+    if not _EXP_NAME_RE.fullmatch(cfg.exp_name) or cfg.exp_name in (".", ".."):
+        raise UserError(f"--exp-name: {cfg.exp_name!r} must be one folder name of letters, digits, '.', '_' or '-' "
+                        "(at most 128 characters): it names <output-dir>/<exp-name> and <s3-uri>/<exp-name>/")
     if cfg.resolution % 8:
         raise UserError(f"--resolution: {cfg.resolution} must be a multiple of 8 (the VAE downsamples by 8)")
     if not 0 <= cfg.conditioning_timestep <= 999:
         raise UserError(f"--conditioning-timestep: {cfg.conditioning_timestep} must be in [0, 999]")
     if cfg.s3_uri is not None and not cfg.s3_uri.startswith("s3://"):
         raise UserError(f"--s3-uri: {cfg.s3_uri!r} is not an s3://bucket/prefix URI")
-    if cfg.resume_ckpt is not None and cfg.resume_ckpt == "":
-        raise UserError("--resume-ckpt: give a path, 'latest' or 'auto'")
+    for name in _EMPTY_IS_ERROR:
+        if getattr(cfg, name) is not None and not getattr(cfg, name).strip():
+            raise UserError(f"--{name.replace('_', '-')}: the value is empty; give a checkpoint path"
+                            + (", 'latest' or 'auto'" if name == "resume_ckpt" else "") + " (or leave the flag out)")
     for spec in (cfg.resume_ckpt, cfg.init_ckpt):
         if spec is not None and spec.startswith("s3://"):
             from dmdr.storage.uri import S3Uri

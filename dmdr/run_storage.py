@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from accelerate.utils import broadcast_object_list
 
-from dmdr.checkpoint import complete_steps, loadable_steps, marker_path
+from dmdr.checkpoint import complete_steps, loadable_steps, marker_path, verify_checkpoint
 from dmdr.config import TrainConfig
+from dmdr.errors import UserError
 from dmdr.logs import get_logger
 
 # Log files restored from the store when a fresh pod resumes there (so they continue, not restart).
@@ -26,6 +28,7 @@ class RunStorage:
         self.cfg, self.run_dir, self.acc = cfg, run_dir, acc
         self.syncer = None
         self.pulled: int | None = None  # the step restore() downloaded, if any
+        self.pulled_check = ""  # what verified it (sha256, or sizes only)
         self.remote_latest: int | None = None
         self.submitted: set[int] = set()
         self.enabled = bool(cfg.s3_uri)
@@ -60,25 +63,49 @@ class RunStorage:
             return None
         from accelerate.utils import gather_object
 
+        from dmdr.storage.layout import verification
         from dmdr.storage.remote import download_checkpoint, list_checkpoints
 
-        local = loadable_steps(self.run_dir / "checkpoints")
-        per_rank = gather_object([local]) if self.acc.num_processes > 1 else [local]
+        local, damaged = self._intact_local_steps()
+        gathered = gather_object([(local, damaged)]) if self.acc.num_processes > 1 else [(local, damaged)]
+        per_rank = [steps for steps, _ in gathered]
+        damaged = any(d for _, d in gathered)
         remote = [None]
         if self.acc.is_main_process:
-            remote = [sorted(c.step for c in list_checkpoints(self.remote, self.storage_cfg) if c.complete)]
+            infos = list_checkpoints(self.remote, self.storage_cfg)
+            for info in infos:
+                if info.damaged:
+                    get_logger().warning(f"WARNING: {info.damaged}; skipping step-{info.step}")
+            remote = [sorted(c.step for c in infos if c.complete)]
         if self.acc.num_processes > 1:
             broadcast_object_list(remote, from_process=0)
         remote_steps = set(remote[0])
         self.remote_latest = max(remote_steps, default=None)
-        common = [s for s in set().union(remote_steps, *map(set, per_rank))
-                  if all(s in remote_steps or s in steps for steps in per_rank)]
-        target = max(common, default=None)
-        if target is not None and target not in local and self.acc.is_local_main_process:
-            if not complete_steps(self.run_dir / "checkpoints"):
-                self._restore_logs()
-            download_checkpoint(self.remote, target, self.run_dir, cfg=self.storage_cfg, progress=False)
-            self.pulled = target
+        common = {s for s in set().union(remote_steps, *map(set, per_rank))
+                  if all(s in remote_steps or s in steps for steps in per_rank)}
+        while True:  # a damaged remote checkpoint is skipped: the previous complete one is tried
+            target = max(common, default=None)
+            error = None
+            if target is not None and target not in local and self.acc.is_local_main_process:
+                if not complete_steps(self.run_dir / "checkpoints"):
+                    self._restore_logs()
+                try:
+                    manifest = download_checkpoint(self.remote, target, self.run_dir, cfg=self.storage_cfg,
+                                                   progress=False)
+                    self.pulled, self.pulled_check = target, verification(manifest)
+                except UserError as e:
+                    error = str(e)
+            errors = gather_object([error]) if self.acc.num_processes > 1 else [error]
+            if not any(errors):
+                break
+            common.discard(target)
+            damaged = True
+            get_logger().warning(f"WARNING: {next(e for e in errors if e)}; skipping step-{target}")
+        if target is None and damaged:  # never start from scratch over a run whose checkpoints are damaged
+            raise UserError(f"no intact checkpoint to resume in {self.run_dir} or {self.remote}: see `dmdr ls`, "
+                            "repair or delete the damaged checkpoints, or use a new --exp-name")
+        if damaged:
+            get_logger().warning(f"WARNING: resuming from step-{target}, the newest intact checkpoint")
         self.acc.wait_for_everyone()
         return target
 
@@ -107,17 +134,44 @@ class RunStorage:
         own = self.enabled and exp_uri == self.remote
         dest = self.run_dir if own else Path(self.cfg.cache_dir).expanduser() / "init-ckpt" / exp.bucket / exp.key
         if self.acc.is_local_main_process:
-            download_checkpoint(exp_uri, step, dest, cfg=scfg, progress=False)
+            from dmdr.storage.layout import verification
+
+            manifest = download_checkpoint(exp_uri, step, dest, cfg=scfg, progress=False)
+            get_logger().info(f"pulled checkpoint step-{step} of {exp_uri} into {dest} ({verification(manifest)})")
         self.acc.wait_for_everyone()
-        get_logger().info(f"pulled checkpoint step-{step} of {exp_uri} into {dest} (sha256 verified)")
         return str(marker_path(dest / "checkpoints", step))
 
+    def _intact_local_steps(self) -> tuple[list[int], bool]:
+        """Loadable local steps, newest first checked against their markers (sha256 where the
+        marker has it) on the local main process: a damaged one is renamed
+        ``step-N.damaged.json`` (so it is pulled again, or skipped), with a warning."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        steps = loadable_steps(ckpt_dir)
+        damaged = False
+        if not self.acc.is_local_main_process:
+            return steps, damaged
+        for step in reversed(list(steps)):
+            try:
+                verify_checkpoint(ckpt_dir, step, hashes=True)
+                break
+            except UserError as e:
+                marker_path(ckpt_dir, step).replace(ckpt_dir / f"step-{step}.damaged.json")
+                steps.remove(step)
+                damaged = True
+                get_logger().warning(f"WARNING: {e}; it is set aside (step-{step}.damaged.json) and "
+                                     "pulled again from the store, or an older checkpoint is used")
+        return steps, damaged
+
     def _restore_logs(self) -> None:
-        from dmdr.storage.client import make_client
+        from dmdr.storage.client import make_client, storage_errors
         from dmdr.storage.uri import S3Uri
 
         client = make_client(self.storage_cfg)
         remote = S3Uri.parse(self.remote)
+        with storage_errors(self.storage_cfg, remote):
+            self._pull_logs(client, remote)
+
+    def _pull_logs(self, client, remote) -> None:
         for rel in RESTORED_LOGS:
             dest = self.run_dir / rel
             if dest.exists():
@@ -137,7 +191,7 @@ class RunStorage:
         needlessly); drop remote leftovers of a killed attempt above the resumed step, and upload
         the resumed checkpoint if the store does not have it yet."""
         if self.pulled is not None:
-            get_logger().info(f"pulled checkpoint step-{self.pulled} from {self.remote} (verified)")
+            get_logger().info(f"pulled checkpoint step-{self.pulled} from {self.remote} ({self.pulled_check})")
         if not self.enabled or not self.acc.is_local_main_process:
             return
         from dmdr.storage.syncer import Syncer
@@ -154,9 +208,12 @@ class RunStorage:
         get_logger().info(f"syncing {self.run_dir} to {self.remote}")
 
     # --- during training ------------------------------------------------------------------
-    def before_save(self) -> None:
-        """The previous checkpoint's upload must finish before the next save (unless the store is down)."""
-        if self.syncer is not None and not self.syncer.wait_checkpoint(timeout=self.cfg.s3_wait_timeout):
+    def before_save(self, stop: Callable[[], bool] | None = None) -> None:
+        """The previous checkpoint's upload must finish before the next save (unless the store is
+        down, or `stop()` turns true: a stop request ends the wait within a second)."""
+        if self.syncer is None or self.syncer.wait_checkpoint(timeout=self.cfg.s3_wait_timeout, stop=stop):
+            return
+        if stop is None or not stop():
             get_logger().warning(
                 f"WARNING: the previous checkpoint is not uploaded yet (store slow or down); saving locally and "
                 f"training on: the newest checkpoint is uploaded when {self.remote} answers again")
@@ -176,8 +233,11 @@ class RunStorage:
         if self.syncer is not None:
             self.syncer.upload(path.relative_to(self.run_dir).as_posix())
 
-    def close(self, timeout: float | None) -> bool:
-        """Upload what is pending (logs included) within ``timeout`` seconds; True when all went."""
+    def close(self, timeout: float | None, stop: Callable[[], bool] | None = None) -> bool:
+        """Upload what is pending (logs included) within ``timeout`` seconds; True when all went.
+        Once `stop()` is true (a signal), at most ``--shutdown-grace`` more seconds are spent."""
         if self.syncer is None:
             return True
+        if stop is not None and not self.syncer.flush(timeout, stop=stop):
+            timeout = self.cfg.shutdown_grace if stop() else 0
         return self.syncer.close(timeout)

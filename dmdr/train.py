@@ -23,7 +23,9 @@ from dmdr.errors import UserError
 from dmdr.rewards import RewardSet, RewardSpec, check_reward_file
 from dmdr.run_storage import RunStorage
 
-SIGTERM_EXIT = 143  # 128 + SIGTERM: retryable for the training operator, unlike 0 (job done)
+# Pod eviction and Ctrl-C both stop cleanly with 128 + the signal: 143 after SIGTERM is retryable
+# for the training operator, unlike 0 (job done).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 FINAL_UPLOAD_TIMEOUT = 1800.0
 
 
@@ -89,7 +91,9 @@ class Trainer:
         resumed = self.resume()
         self.storage.start(resumed)
         self.stop_signal: int | None = None
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.stop_time: float | None = None  # when this rank got it (time.monotonic)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_sigterm)
         if cfg.report_to != "none":
             self.acc.init_trackers("dmdr", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
@@ -141,7 +145,9 @@ class Trainer:
             self.save()
         self.check_replicas()
         acc.wait_for_everyone()
-        if not self.storage.close(timeout=FINAL_UPLOAD_TIMEOUT):
+        if not self.storage.close(timeout=FINAL_UPLOAD_TIMEOUT, stop=self.stop_seen):
+            if self.stop_seen():
+                return self.exit_status()
             raise UserError(f"uploads to {cfg.s3_uri} did not finish in {FINAL_UPLOAD_TIMEOUT:.0f}s; "
                             f"{self.run_dir} has everything: rerun with --resume-ckpt auto once the store is back")
         self.log.info(f"training done at step {self.global_step}; outputs in {self.run_dir}")
@@ -151,6 +157,16 @@ class Trainer:
     # --- shutdown on SIGTERM (pod eviction, kubectl delete) --------------------------------
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_signal = signum
+        self.stop_time = time.monotonic()
+
+    def stop_seen(self) -> bool:
+        """This rank got a stop signal (no collective: safe inside waits of one rank)."""
+        return self.stop_signal is not None
+
+    def exit_status(self) -> int:
+        sig = signal.Signals(self.stop_signal or signal.SIGTERM)  # another rank's signal: SIGTERM
+        self.log.warning(f"{sig.name}: exiting with status {128 + sig}; resume with --resume-ckpt auto")
+        return 128 + sig
 
     def stop_requested(self) -> bool:
         """Every rank stops at the same step: a signal seen by any rank counts for all."""
@@ -161,15 +177,17 @@ class Trainer:
 
     def shutdown(self, saved: bool) -> int:
         cfg = self.cfg
-        self.log.warning(f"SIGTERM received: stopping at generator step {self.global_step}")
+        name = signal.Signals(self.stop_signal or signal.SIGTERM).name
+        self.log.warning(f"{name} received: stopping at generator step {self.global_step}")
         if cfg.checkpoint_on_sigterm and not saved:
             self.save()
-        flushed = self.storage.close(timeout=cfg.shutdown_grace)
+        # the grace counts from the signal: the step and the save before this took part of it
+        grace = max(1.0, cfg.shutdown_grace - (time.monotonic() - self.stop_time if self.stop_time else 0.0))
+        flushed = self.storage.close(timeout=grace)
         if self.storage.enabled:
-            self.log.warning("SIGTERM: pending uploads " + ("flushed" if flushed else
+            self.log.warning(f"{name}: pending uploads " + ("flushed" if flushed else
                              f"NOT all flushed within {cfg.shutdown_grace:.0f}s (--shutdown-grace)"))
-        self.log.warning(f"SIGTERM: exiting with status {SIGTERM_EXIT}; resume with --resume-ckpt auto")
-        return SIGTERM_EXIT
+        return self.exit_status()
 
     @property
     def global_batch(self) -> int:
@@ -383,7 +401,7 @@ class Trainer:
             if self.cfg.use_lora_gen:
                 sdxl.save_lora(self.acc.unwrap_model(self.gen), gen_dir)
 
-        self.storage.before_save()
+        self.storage.before_save(stop=self.stop_seen)
         self.ckpt.save(self.global_step, self.units(), save_adapters, prune=False)
         if self.acc.is_local_main_process:
             self.storage.after_save(self.global_step)
@@ -393,7 +411,9 @@ class Trainer:
         cfg = self.cfg
         if self.storage.enabled and cfg.resume_ckpt in ("auto", "latest"):
             # every node resumes the step they agreed on, pulled from the store where missing
-            candidates = [] if self.agreed_step is None else [(self.ckpt.dir, self.agreed_step)]
+            # (older local ones only if it still fails to load)
+            candidates = [] if self.agreed_step is None else [
+                c for c in self.ckpt.resolve("auto") if c[1] <= self.agreed_step]
             if not candidates and cfg.resume_ckpt == "latest":
                 raise UserError(f"--resume-ckpt latest: no complete checkpoint in {self.run_dir} or {self.storage.remote}")
         else:

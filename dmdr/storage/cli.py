@@ -6,10 +6,11 @@ The main CLI calls `add_parsers(subparsers)` and dispatches ``ls`` to `run_ls(ar
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from dmdr.errors import UserError
-from dmdr.storage.layout import ONLY_GROUPS  # light; the boto3 modules load in the commands
+from dmdr.storage.layout import ONLY_GROUPS, verification  # light; the boto3 modules load in the commands
 
 
 def add_s3_options(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +21,28 @@ def add_s3_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--s3-region", default=None, help="region (default: AWS chain, then us-east-1)")
     group.add_argument("--s3-path-style", action="store_true", help="path-style addressing (MinIO/Ceph)")
     group.add_argument("--s3-profile", default=None, help="AWS profile name (default: AWS_PROFILE)")
+    group.add_argument("--s3-timeout", type=_positive(float), default=INTERACTIVE_TIMEOUT, metavar="SECONDS",
+                       help=f"connect and read timeout per request (default {INTERACTIVE_TIMEOUT:.0f})")
+    group.add_argument("--s3-retries", type=_positive(int), default=INTERACTIVE_RETRIES, metavar="N",
+                       help=f"retries per failed request (default {INTERACTIVE_RETRIES}); each is announced on stderr")
+
+
+# Interactive commands give up on a silent store in about half a minute (3 attempts x 10 s), not minutes.
+INTERACTIVE_TIMEOUT, INTERACTIVE_RETRIES = 10.0, 2
+
+
+def _positive(tp: type):
+    def parse(text: str):
+        try:
+            value = tp(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a positive finite number")
+        return value
+
+    parse.__name__ = tp.__name__
+    return parse
 
 
 def config_from_args(args: argparse.Namespace, uri: str) -> StorageConfig:
@@ -27,7 +50,8 @@ def config_from_args(args: argparse.Namespace, uri: str) -> StorageConfig:
     from dmdr.storage.client import StorageConfig
 
     return StorageConfig(s3_uri=uri, endpoint_url=args.s3_endpoint_url, region=args.s3_region,
-                         path_style=args.s3_path_style, profile=args.s3_profile)
+                         path_style=args.s3_path_style, profile=args.s3_profile, retries=args.s3_retries,
+                         connect_timeout=args.s3_timeout, read_timeout=args.s3_timeout, announce_retries=True)
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -67,8 +91,12 @@ def run_ls(args: argparse.Namespace) -> int:
         print(f"{args.uri}")
         print(f"{'STEP':>10}  {'SIZE':>10}  STATUS")
         for ckpt in checkpoints:
-            status = "complete" if ckpt.complete else "incomplete"
+            status = "DAMAGED" if ckpt.damaged else "complete" if ckpt.complete else "incomplete"
             print(f"{ckpt.step:>10}  {_human(ckpt.size):>10}  {status}{'  (latest)' if ckpt.latest else ''}")
+        for ckpt in checkpoints:
+            if ckpt.damaged:
+                print(f"step {ckpt.step} is damaged: {ckpt.damaged}; resume skips it: delete that manifest "
+                      "or re-upload the checkpoint", file=sys.stderr)
         return 0
     runs = list_runs(args.uri, cfg)
     if not runs:
@@ -84,6 +112,8 @@ def run_pull(args: argparse.Namespace) -> int:
     """Download `--step` of a run into `--dest`, verifying every file."""
     from dmdr.storage.remote import download_checkpoint, require_latest
 
+    if args.dest.exists() and not args.dest.is_dir():
+        raise UserError(f"--dest {args.dest} is a file, not a folder: give the experiment folder to pull into.")
     cfg = config_from_args(args, args.uri)
     if args.step == "latest":
         step = require_latest(args.uri, cfg)
@@ -93,6 +123,6 @@ def run_pull(args: argparse.Namespace) -> int:
         except ValueError:
             raise UserError(f"--step '{args.step}' is not 'latest' or a step number.") from None
     manifest = download_checkpoint(args.uri, step, args.dest, only=args.only, cfg=cfg)
-    print(f"Pulled step {step} ({len(manifest.files)} files, {_human(manifest.size)}, sha256 verified) "
+    print(f"Pulled step {step} ({len(manifest.files)} files, {_human(manifest.size)}, {verification(manifest)}) "
           f"into {args.dest}")
     return 0

@@ -7,6 +7,7 @@ style and transfer tuning are ours. Credentials are never logged or put in error
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ class StorageConfig:
         connect_timeout: seconds to wait for a TCP connection.
         read_timeout: seconds to wait for a response byte.
         max_bandwidth: upload bandwidth cap in bytes/s (None: unlimited).
+        announce_retries: print one line on stderr per failed attempt that is retried
+            (interactive commands: a slow store is never silent).
     """
 
     s3_uri: str | None = None
@@ -62,6 +65,7 @@ class StorageConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     max_bandwidth: int | None = None
+    announce_retries: bool = False
 
     def __post_init__(self) -> None:
         if self.s3_uri is not None:
@@ -135,7 +139,32 @@ def make_client(cfg: StorageConfig, *, retries: int | None = None, connect_timeo
         request_checksum_calculation=checksum,
         response_checksum_validation=checksum,
     )
-    return session.client("s3", endpoint_url=endpoint, config=config)
+    client = session.client("s3", endpoint_url=endpoint, config=config)
+    if cfg.announce_retries:
+        attempts = (retries or cfg.retries) + 1  # botocore's max_attempts counts retries
+        client.meta.events.register("needs-retry.s3", _RetryNotice(attempts, endpoint or "AWS S3"))
+    return client
+
+
+class _RetryNotice:
+    """botocore `needs-retry` observer: one stderr line per failed attempt that will be retried."""
+
+    def __init__(self, attempts: int, endpoint: str):
+        self.attempts, self.endpoint = attempts, safe_endpoint(endpoint)
+
+    def __call__(self, response: Any = None, attempts: int = 0, caught_exception: Any = None,
+                 operation: Any = None, **kwargs: Any) -> None:
+        if caught_exception is not None:
+            why = type(caught_exception).__name__
+        elif response is not None and response[0].status_code >= 500:
+            why = f"HTTP {response[0].status_code}"
+        else:
+            return None
+        if attempts < self.attempts:
+            name = getattr(operation, "name", "request")
+            print(f"S3 {name} at {self.endpoint}: attempt {attempts}/{self.attempts} failed ({why}); retrying",
+                  file=sys.stderr, flush=True)
+        return None
 
 
 def transfer_config(cfg: StorageConfig, *, for_upload: bool = True) -> TransferConfig:
@@ -219,8 +248,10 @@ def storage_errors(cfg: StorageConfig, uri: S3Uri) -> Iterator[None]:
         yield
     except (bexc.BotoCoreError, bexc.ClientError) as exc:
         err = translate_error(exc, uri, effective_endpoint(cfg) or "AWS S3")
-        if err is None:
-            raise
+        if err is None:  # e.g. 500s or throttling that outlasted the retries: still one line
+            where = safe_endpoint(effective_endpoint(cfg) or "AWS S3")
+            err = UserError(f"The S3 store at {where} failed a request for {uri} ({describe_error(exc)}) "
+                            f"after {cfg.retries + 1} attempts: it is failing or overloaded; retry later.")
         raise err from None
 
 

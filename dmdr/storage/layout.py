@@ -110,14 +110,35 @@ class Manifest:
         try:
             data = json.loads(text)
             files = [FileEntry(str(f["path"]), int(f["size"]), f.get("sha256")) for f in data["files"]]
-            for f in files:
-                if f.path.startswith("/") or ".." in f.path.split("/"):
-                    raise ValueError(f"unsafe path {f.path!r}")
+            _check_paths([f.path for f in files])
             return cls(int(data["step"]), files, int(data.get("world_size", 1)),
                        float(data.get("time", 0.0)), int(data.get("num_nodes", 1)))
         except (ValueError, KeyError, TypeError) as exc:
             raise UserError(f"The checkpoint marker {where} is malformed ({exc}): delete it and "
                             "re-save or re-pull that checkpoint.") from None
+
+
+def verification(manifest: Manifest) -> str:
+    """What a verified transfer of `manifest`'s files checked, in words (never more than ran)."""
+    missing = sum(1 for f in manifest.files if not f.sha256)
+    if not missing:
+        return "sha256 verified"
+    return f"sizes verified; the manifest has no sha256 for {missing} of {len(manifest.files)} file(s)"
+
+
+def _check_paths(paths: list[str]) -> None:
+    """Every entry is a distinct file below checkpoints/: no '', '.', '..' segments, no NUL or
+    backslash, none inside another entry (a folder name listed as a file)."""
+    seen = set(paths)
+    if len(seen) != len(paths):
+        raise ValueError("a path is listed twice")
+    for path in paths:
+        parts = path.split("/")
+        if (parts[0] != CHECKPOINTS or len(parts) < 2 or "\x00" in path or "\\" in path
+                or any(p in ("", ".", "..") for p in parts)):
+            raise ValueError(f"unsafe path {path!r}")
+        if any("/".join(parts[:i]) in seen for i in range(2, len(parts))):
+            raise ValueError(f"{path!r} lies inside another listed file")
 
 
 def read_local_marker(exp_dir: Path, step: int) -> Manifest:

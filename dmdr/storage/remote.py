@@ -38,6 +38,7 @@ class CheckpointInfo:
     size: int
     complete: bool
     latest: bool = False
+    damaged: str = ""  # why its manifest cannot be used (then `complete` is False)
 
 
 @dataclass
@@ -79,15 +80,22 @@ def scan_checkpoints(client: Any, exp: S3Uri) -> dict[int, StepObjects]:
     return steps
 
 
+class DamagedObject(UserError):
+    """A JSON object of the run layout (manifest, pointer) that cannot be parsed."""
+
+
 def get_json(client: Any, uri: S3Uri) -> Any | None:
-    """The parsed JSON object at `uri`, or None when it does not exist."""
+    """The parsed JSON object at `uri`, or None when it does not exist (DamagedObject when it is not JSON)."""
     try:
         body = client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
     except bexc.ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
         raise
-    return json.loads(body)
+    try:
+        return json.loads(body)
+    except ValueError:  # also UnicodeDecodeError
+        raise DamagedObject(f"{uri} is damaged (not JSON)") from None
 
 
 def put_json(client: Any, uri: S3Uri, data: Any) -> None:
@@ -104,7 +112,10 @@ def read_manifest_with(client: Any, exp: S3Uri, step: int) -> Manifest | None:
 
 def latest_pointer(client: Any, exp: S3Uri) -> int | None:
     """The step `latest.json` names (None when absent or unreadable)."""
-    data = get_json(client, exp.join(LATEST_REL))
+    try:
+        data = get_json(client, exp.join(LATEST_REL))
+    except DamagedObject:  # readers fall back to the newest manifest; the next upload rewrites it
+        return None
     try:
         return int(data["step"]) if data else None
     except (KeyError, TypeError, ValueError):
@@ -112,12 +123,21 @@ def latest_pointer(client: Any, exp: S3Uri) -> int | None:
 
 
 def latest_complete_with(client: Any, exp: S3Uri) -> int | None:
-    """`latest.json`'s step when its manifest exists, else the newest step with a manifest."""
+    """`latest.json`'s step when its manifest is readable, else the newest step with a readable
+    manifest (a damaged one is skipped: `dmdr ls` reports it)."""
     pointed = latest_pointer(client, exp)
-    if pointed is not None and client_has(client, exp.join(marker_rel(pointed))):
+    if pointed is not None and _readable_manifest(client, exp, pointed):
         return pointed
-    complete = [s for s, objs in scan_checkpoints(client, exp).items() if objs.has_manifest]
-    return max(complete) if complete else None
+    complete = sorted((s for s, objs in scan_checkpoints(client, exp).items() if objs.has_manifest and s != pointed),
+                      reverse=True)
+    return next((s for s in complete if _readable_manifest(client, exp, s)), None)
+
+
+def _readable_manifest(client: Any, exp: S3Uri, step: int) -> bool:
+    try:
+        return read_manifest_with(client, exp, step) is not None
+    except UserError:
+        return False
 
 
 def client_has(client: Any, uri: S3Uri) -> bool:
@@ -158,11 +178,15 @@ def list_checkpoints(exp_uri: str, cfg: StorageConfig | None = None) -> list[Che
         infos = []
         for step in sorted(steps):
             objs = steps[step]
-            size = objs.size
+            size, damaged = objs.size, ""
             if objs.has_manifest:
-                manifest = read_manifest_with(client, exp, step)
-                size = manifest.size if manifest else size
-            infos.append(CheckpointInfo(step, size, objs.has_manifest, latest == step and objs.has_manifest))
+                try:
+                    manifest = read_manifest_with(client, exp, step)
+                    size = manifest.size if manifest else size
+                except UserError as exc:  # not JSON, or not a manifest: the checkpoint is unusable
+                    damaged = str(exc)
+            complete = objs.has_manifest and not damaged
+            infos.append(CheckpointInfo(step, size, complete, latest == step and complete, damaged))
     return infos
 
 
@@ -207,7 +231,11 @@ def download_checkpoint(exp_uri: str, step: int, local_exp_dir: str | Path, only
     client = make_client(cfg)
     dest = Path(local_exp_dir)
     with storage_errors(cfg, exp):
-        manifest = read_manifest_with(client, exp, step)
+        try:
+            manifest = read_manifest_with(client, exp, step)
+        except UserError as exc:
+            raise UserError(f"{exc}: checkpoint step {step} cannot be used; pull another step (`dmdr ls {exp}`), "
+                            "or delete that manifest so the step counts as incomplete") from None
         if manifest is None:
             complete = [s for s, o in sorted(scan_checkpoints(client, exp).items()) if o.has_manifest]
             raise UserError(
@@ -291,10 +319,23 @@ def download_files(client: Any, cfg: StorageConfig, items: list[tuple[str, str, 
         for bucket, key, path in items:
             path.parent.mkdir(parents=True, exist_ok=True)
             futures.append(tm.download(bucket, key, str(path), subscribers=subscribers))
-        for (_, _, path), future in zip(items, futures):
-            future.result()
+        for (bucket, key, path), future in zip(items, futures):
+            try:
+                future.result()
+            except bexc.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    raise MissingObject(f"s3://{bucket}/{key}") from exc
+                raise
             results.append((path.stat().st_size, sha256_file(path)))
     return results
+
+
+class MissingObject(UserError):
+    """An object that was listed (or named in a manifest) is gone."""
+
+    def __init__(self, uri: str):
+        super().__init__(f"{uri} is gone (deleted after it was listed): retry")
+        self.uri = uri
 
 
 def _download_all(client: Any, cfg: StorageConfig, exp: S3Uri, files: list[FileEntry], tmp: Path,
@@ -303,8 +344,6 @@ def _download_all(client: Any, cfg: StorageConfig, exp: S3Uri, files: list[FileE
     try:
         with storage_errors(cfg, exp):
             return download_files(client, cfg, items, progress)
-    except bexc.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            raise UserError(f"A file of the manifest is missing under {exp} ({exc.operation_name}): "
-                            "the checkpoint was damaged after upload; pull another step.") from None
-        raise
+    except MissingObject as exc:
+        raise UserError(f"{exc.uri} is missing although the checkpoint's manifest lists it: the checkpoint was "
+                        "damaged after upload; pull another step (`dmdr ls`).") from None

@@ -29,23 +29,22 @@ from __future__ import annotations
 import io
 import json
 import logging
-import random
 import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 import botocore.exceptions as bexc
 from s3transfer.exceptions import RetriesExceededError, S3UploadFailedError
 from s3transfer.manager import TransferManager
-from s3transfer.subscribers import BaseSubscriber
 
 from dmdr.storage.client import MiB, StorageConfig, describe_error, make_client, transfer_config
 from dmdr.storage.hashio import HashingReader, LocalReadError
 from dmdr.storage.layout import (CHECKPOINTS, LATEST_REL, LOG_PATTERNS, FileEntry, Manifest, marker_rel,
                                  part_rel, read_local_marker, step_of)
 from dmdr.storage.remote import StepObjects, get_json, put_json, scan_checkpoints
+from dmdr.storage.transfers import DaemonExecutor, Health, Inflight, KnownSize, backoff, settle
 from dmdr.storage.uri import S3Uri
 
 log = logging.getLogger("dmdr.storage")
@@ -59,67 +58,6 @@ class _Abandon(Exception):
 
 class _Aborted(Exception):
     """`close` ran out of time: stop retrying."""
-
-
-def _backoff(cap: float, base: float = 0.5) -> Iterator[float]:
-    attempt = 0
-    while True:
-        yield min(cap, base * 2 ** attempt) * (0.5 + random.random() / 2)
-        attempt += 1
-
-
-class _Health:
-    """Outage tracking: one warning when uploads start failing, one line when they recover."""
-
-    def __init__(self, on_change: Callable[[], None]):
-        self._lock = threading.Lock()
-        self._down_since: float | None = None
-        self._on_change = on_change
-
-    @property
-    def down(self) -> bool:
-        return self._down_since is not None
-
-    def failure(self, what: str, exc: BaseException) -> None:
-        with self._lock:
-            first = self._down_since is None
-            if first:
-                self._down_since = time.monotonic()
-        if first:
-            log.warning("S3 upload failed while %s (%s); training continues and uploads retry with "
-                        "backoff until the store is back.", what, describe_error(exc))
-            self._on_change()
-        else:
-            log.debug("S3 still failing while %s: %s", what, describe_error(exc))
-
-    def success(self) -> None:
-        with self._lock:
-            since, self._down_since = self._down_since, None
-        if since is not None:
-            log.warning("S3 reachable again after %.0fs; catching up on pending uploads.",
-                        time.monotonic() - since)
-            self._on_change()
-
-
-class _KnownSize(BaseSubscriber):
-    """Tell s3transfer the size up front so a non-seekable source needs no probing read."""
-
-    def __init__(self, size: int):
-        self._size = size
-
-    def on_queued(self, future: Any, **kwargs: Any) -> None:
-        future.meta.provide_transfer_size(self._size)
-
-
-def _settle(futures: list) -> None:
-    """Cancel and wait for transfers we no longer want."""
-    for fut in futures:
-        fut.cancel()
-    for fut in futures:
-        try:
-            fut.result()
-        except Exception:  # noqa: BLE001 - cancelled or failed: either way, done
-            pass
 
 
 def retention_victims(steps: dict[int, StepObjects], latest: int, keep_last: int) -> list[int]:
@@ -174,8 +112,9 @@ class Syncer:
         self._max_pending = max_pending
         self._small_limit = cfg.part_size_mb * MiB
         self._client = make_client(cfg)
-        self._files_tm = TransferManager(self._client, transfer_config(cfg))
-        self._ckpt_tm = TransferManager(self._client, transfer_config(cfg))
+        self._inflight = Inflight()  # every transfer, so close() can stop them at its deadline
+        self._files_tm = TransferManager(self._client, transfer_config(cfg), executor_cls=DaemonExecutor)
+        self._ckpt_tm = TransferManager(self._client, transfer_config(cfg), executor_cls=DaemonExecutor)
         self._cond = threading.Condition()
         self._pending: dict[str, int] = {}      # rel path -> request number
         self._requests = 0
@@ -187,7 +126,7 @@ class Syncer:
         self._stopping = False
         self._closed: bool | None = None  # close()'s result once closed
         self._abort = threading.Event()
-        self._health = _Health(self._notify)
+        self._health = Health(self._notify)
         self._threads = [threading.Thread(target=self._files_loop, name="dmdr-sync-files", daemon=True),
                          threading.Thread(target=self._ckpt_loop, name="dmdr-sync-ckpt", daemon=True)]
         for thread in self._threads:
@@ -230,52 +169,71 @@ class Syncer:
             self._ckpts.append(manifest)
             self._cond.notify_all()
 
-    def wait_checkpoint(self, timeout: float | None = None) -> bool:
+    def wait_checkpoint(self, timeout: float | None = None, stop: Callable[[], bool] | None = None) -> bool:
         """Block until submitted checkpoints are uploaded; True when they are.
 
-        Returns False at once while the store is failing (training goes on) or after `timeout`.
+        Returns False at once while the store is failing (training goes on), after `timeout`,
+        or within a second of `stop()` turning true (a SIGTERM must not wait on the network).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._ckpts or self._ckpt_busy is not None:
                 if self._health.down:
                     return False
-                if not self._wait(deadline):
+                if not self._wait(deadline, stop):
                     return False
             return True
 
-    def flush(self, timeout: float | None = None) -> bool:
-        """Sync logs, then wait for every queued upload; True when all are done in time."""
+    def flush(self, timeout: float | None = None, stop: Callable[[], bool] | None = None) -> bool:
+        """Sync logs, then wait for every queued upload; True when all are done in time
+        (False as soon as `stop()` is true)."""
         self.sync_logs()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not self._idle():
-                if not self._wait(deadline):
+                if not self._wait(deadline, stop):
                     return False
             return True
 
     def close(self, timeout: float | None = 60.0) -> bool:
-        """Flush within `timeout`, then stop the workers; True when nothing was left behind."""
+        """Flush within `timeout`, then stop the workers; True when nothing was left behind.
+
+        At the deadline, transfers still running are cancelled (not waited for) and one warning
+        names what was not uploaded; the process can exit at once.
+        """
         if self._closed is not None:
             return self._closed
         done = self.flush(timeout)
         if done:
             log.info("Storage: all uploads to %s are done.", self.remote)
         else:
-            with self._cond:
-                left = len(self._pending) + len(self._ckpts) + (self._ckpt_busy is not None)
-            log.warning("Storage: %d upload(s) to %s were still pending after %ss and are dropped.",
-                        left, self.remote, timeout)
+            log.warning("Storage: not uploaded to %s within %ss and dropped: %s.",
+                        self.remote, timeout, self.unflushed())
             self._abort.set()
+            self._inflight.cancel_all()
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         for thread in self._threads:
-            thread.join(timeout=10.0)
-        self._files_tm.shutdown(cancel=not done)
-        self._ckpt_tm.shutdown(cancel=not done)
+            thread.join(timeout=10.0 if done else 1.0)
+        if done:
+            self._files_tm.shutdown()
+            self._ckpt_tm.shutdown()
         self._closed = done
         return done
+
+    def unflushed(self) -> str:
+        """What is still waiting for the store, in words (for the close warning)."""
+        with self._cond:
+            steps = ([self._ckpt_busy] if self._ckpt_busy is not None else []) + [m.step for m in self._ckpts]
+            files = sorted(self._pending)
+            logs = self._logs_due or self._files_busy
+        parts = [f"checkpoint step {', '.join(map(str, steps))}"] if steps else []
+        if files:
+            parts.append(f"{len(files)} file(s) ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})")
+        elif logs:
+            parts.append("the latest log lines")
+        return "; ".join(parts) or "nothing"
 
     def discard_after(self, step: int | None, *, include_complete: bool = False) -> int:
         """Delete leftovers of an earlier attempt above `step` (the step this run resumed from).
@@ -324,14 +282,16 @@ class Syncer:
         with self._cond:
             self._cond.notify_all()
 
-    def _wait(self, deadline: float | None) -> bool:
-        """Wait on the condition (held by the caller); False when `deadline` has passed."""
-        if deadline is None:
-            self._cond.wait()
-            return True
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+    def _wait(self, deadline: float | None, stop: Callable[[], bool] | None = None) -> bool:
+        """Wait on the condition (held by the caller); False when `deadline` has passed or
+        `stop()` is true (polled every half second)."""
+        if stop is not None and stop():
             return False
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return False
+        if stop is not None:
+            remaining = 0.5 if remaining is None else min(remaining, 0.5)
         self._cond.wait(remaining)
         return True
 
@@ -349,7 +309,7 @@ class Syncer:
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
         """Run `fn` until it succeeds, backing off while the store fails."""
-        delays = _backoff(self._backoff_max)
+        delays = backoff(self._backoff_max)
         while True:
             try:
                 result = fn()
@@ -389,6 +349,8 @@ class Syncer:
             except _Aborted:
                 return
             except Exception:  # noqa: BLE001 - a bug must not kill the uploads thread silently
+                if self._abort.is_set():  # close() cancelled the transfer
+                    return
                 log.exception("Storage: uploading files to %s failed unexpectedly.", self.remote)
                 with self._cond:
                     for rel in batch:
@@ -424,11 +386,11 @@ class Syncer:
         except (FileNotFoundError, IsADirectoryError):
             log.warning("Storage: %s vanished before upload; skipped.", path)
             return None
-        future = self._files_tm.upload(source, self.remote.bucket, self._key(rel))
+        future = self._files_tm.upload(source, self.remote.bucket, self._key(rel), subscribers=[self._inflight])
         return future, (st.st_size, st.st_mtime_ns)
 
     def _upload_files(self, batch: dict[str, int]) -> None:
-        delays = _backoff(self._backoff_max)
+        delays = backoff(self._backoff_max)
         todo = dict(batch)
         while todo:
             started = {rel: self._start_file(rel) for rel in todo}
@@ -474,6 +436,8 @@ class Syncer:
                 log.warning("Checkpoint step %d was not uploaded: %s", manifest.step, exc)
             except Exception:  # noqa: BLE001 - keep the thread alive for later checkpoints
                 self.abandoned_checkpoints.append(manifest.step)
+                if self._abort.is_set():  # close() cancelled the transfer
+                    return
                 log.exception("Checkpoint step %d upload failed unexpectedly.", manifest.step)
             finally:
                 with self._cond:
@@ -513,7 +477,7 @@ class Syncer:
     def _upload_checkpoint_files(self, local: Manifest) -> list[FileEntry]:
         """Upload every file of the local marker; retry failed ones; return them with sha256."""
         done: dict[str, FileEntry] = {}
-        delays = _backoff(self._backoff_max)
+        delays = backoff(self._backoff_max)
         while True:
             todo = [f for f in local.files if f.path not in done]
             if not todo:
@@ -524,7 +488,7 @@ class Syncer:
                 for entry in todo:
                     reader = HashingReader(self.local_root / entry.path)
                     future = self._ckpt_tm.upload(reader, self.remote.bucket, self._key(entry.path),
-                                                  subscribers=[_KnownSize(entry.size)])
+                                                  subscribers=[KnownSize(entry.size), self._inflight])
                     running.append((entry, reader, future))
                 for entry, reader, future in running:
                     try:
@@ -537,11 +501,11 @@ class Syncer:
                                        f"{entry.size}: the local checkpoint changed after it was saved.")
                     done[entry.path] = FileEntry(entry.path, entry.size, reader.sha.hexdigest())
             except LocalReadError as exc:
-                _settle([f for _, _, f in running])
+                settle([f for _, _, f in running])
                 raise _Abandon(f"a local file could not be read ({exc}); was it deleted by local "
                                "retention before the upload finished?") from None
             except BaseException:
-                _settle([f for _, _, f in running])
+                settle([f for _, _, f in running])
                 raise
             finally:
                 for _, reader, _ in running:
