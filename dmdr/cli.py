@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"dmdr {args.command}: error: {e}", file=sys.stderr, flush=True)
+        from dmdr.redact import redact
+
+        print(f"dmdr {args.command}: error: {redact(str(e))}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
         return 130

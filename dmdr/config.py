@@ -162,7 +162,10 @@ class TrainConfig:
         return Path(self.output_dir).expanduser() / self.exp_name
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The options as written to args.json and trackers: URLs without credentials."""
+        from dmdr.redact import redact_values
+
+        return redact_values(dataclasses.asdict(self))
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -366,7 +369,7 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def save_args(cfg: TrainConfig, path: Path) -> None:
-    """Write the effective config (args.json). The config holds no secrets by construction."""
+    """Write the effective config (args.json), credentials stripped from every URL."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -54,13 +54,17 @@ def setup_logging(run_dir: Path | None, is_main: bool, rank: int = 0) -> logging
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     tag = "" if is_main else f"[rank {rank}] "
     fmt = logging.Formatter(f"[%(asctime)s] {tag}%(message)s", "%Y-%m-%d %H:%M:%S")
+    from dmdr.redact import RedactFilter
+
     stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(fmt)
+    stream.addFilter(RedactFilter())
     logger.addHandler(stream)
     if is_main and run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
         fh.setFormatter(fmt)
+        fh.addFilter(RedactFilter())
         logger.addHandler(fh)
     return logger
 

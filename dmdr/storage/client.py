@@ -12,7 +12,6 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
-from urllib.parse import urlsplit
 
 import boto3
 import botocore.exceptions as bexc
@@ -20,6 +19,7 @@ from botocore.config import Config
 from s3transfer.manager import TransferConfig
 
 from dmdr.errors import UserError
+from dmdr.redact import redact
 from dmdr.storage.uri import S3Uri
 
 MiB = 1024 * 1024
@@ -202,8 +202,7 @@ _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToke
 
 def safe_endpoint(endpoint: str) -> str:
     """The endpoint URL without any ``user:password@`` part, for messages."""
-    parts = urlsplit(endpoint)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() if "@" in parts.netloc else endpoint
+    return redact(endpoint)
 
 
 def translate_error(exc: BaseException, uri: S3Uri, endpoint: str) -> UserError | None:
