@@ -134,6 +134,10 @@ class TrainConfig:
     init_keep_optimizer: bool = _f(
         False, "With --init-ckpt: keep the source's Adam moments (the learning rates are still this run's)."
     )
+    overwrite: bool = _f(
+        False, "Start over in a run directory that already holds a run: delete its local files and its remote "
+        "objects first (refused while another live job holds the run's lease)."
+    )
     log_every: int = _f(1, "Progress line every N generator steps.", min=1)
 
     # --- object storage (S3, MinIO, Ceph RGW, R2); credentials come from the AWS chain ------
@@ -150,6 +154,15 @@ class TrainConfig:
         300.0, "At a checkpoint, wait at most this long for the previous one's upload; then save locally and "
         "train on (a slow or hung store never stops training).", min=0.0
     )
+    takeover: bool = _f(
+        False, "Take the run's lease over from a job that still renews it (only when that job is known dead: "
+        "a live one is stopped at its next renewal)."
+    )
+    lease_ttl: float = _f(
+        120.0, "Seconds after its last renewal at which a job's lease on the run expires and another job may "
+        "take the run over.", min=1.0
+    )
+    lease_renew: float = _f(30.0, "Seconds between renewals of the run's lease (keep well below --lease-ttl).", min=0.1)
     checkpoint_on_sigterm: bool = _f(False, "On SIGTERM (pod eviction), save a checkpoint before flushing and exiting.")
     shutdown_grace: float = _f(
         25.0, "Seconds to flush pending uploads on SIGTERM (torchrun kills workers 30 s after it).", min=0.0
@@ -354,6 +367,9 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) is not None and not getattr(cfg, name).strip():
             raise UserError(f"--{name.replace('_', '-')}: the value is empty; give a checkpoint path"
                             + (", 'latest' or 'auto'" if name == "resume_ckpt" else "") + " (or leave the flag out)")
+    if cfg.lease_renew >= cfg.lease_ttl:
+        raise UserError(f"--lease-renew: {cfg.lease_renew} must be below --lease-ttl {cfg.lease_ttl}, or the lease "
+                        "expires between renewals")
     for spec in (cfg.resume_ckpt, cfg.init_ckpt):
         if spec is not None and spec.startswith("s3://"):
             from dmdr.storage.uri import S3Uri

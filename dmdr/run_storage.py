@@ -4,16 +4,23 @@
 keeps the trainer free of S3 details: the trainer calls `restore`, `before_save`, `after_save`,
 `file_written` and `close`. Without ``--s3-uri`` every call is a no-op. `localise` turns an
 ``s3://`` --init-ckpt / --resume-ckpt into a pulled local checkpoint (with or without --s3-uri).
+
+Before anything is written, the run is claimed: with a store, rank 0 takes the run's lease
+(`dmdr.storage.lease`: one writer per run; renewed in the background from then on), then the
+run directory and the store must not already hold a run unless ``--resume-ckpt`` continues it or
+``--overwrite`` clears it (`dmdr.run_claim`).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from accelerate.utils import broadcast_object_list
 
+from dmdr import run_claim
 from dmdr.checkpoint import complete_steps, loadable_steps, marker_path, verify_checkpoint
 from dmdr.config import TrainConfig
 from dmdr.errors import UserError
@@ -32,8 +39,36 @@ class RunStorage:
         self.remote_latest: int | None = None
         self.submitted: set[int] = set()
         self.enabled = bool(cfg.s3_uri)
-        if not self.enabled:
-            return
+        self.lease = None
+        self.notes: list[str] = []  # lines for the run log once it is open (lease, --overwrite)
+        self.lost: str | None = None  # why this job may no longer write the run (lease lost)
+        self.removed_remote = 0  # objects --overwrite deleted
+        if self.enabled:
+            self._connect()
+        self._claim_run_dir()
+
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the main process; every rank gets its result or raises its UserError."""
+        box: list[Any] = [None, None]
+        if self.acc.is_main_process:
+            try:
+                box = [fn(), None]
+            except UserError as exc:
+                box = [None, str(exc)]
+                if self.acc.num_processes == 1:
+                    raise
+            except Exception as exc:
+                if self.acc.num_processes > 1:
+                    broadcast_object_list([None, f"rank 0 failed: {type(exc).__name__}"], from_process=0)
+                raise
+        if self.acc.num_processes > 1:
+            broadcast_object_list(box, from_process=0)
+        if box[1] is not None:
+            raise UserError(box[1])
+        return box[0]
+
+    def _connect(self) -> None:
+        cfg, acc = self.cfg, self.acc
         from dmdr.storage.client import StorageConfig, preflight
         from dmdr.storage.uri import S3Uri
 
@@ -45,10 +80,94 @@ class RunStorage:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
         self.num_nodes = max(1, acc.num_processes // max(local_world, 1))
         self.node_rank = int(os.environ.get("GROUP_RANK", acc.process_index // max(local_world, 1)))
-        attempt = [uuid.uuid4().hex if acc.is_main_process else None]
+        from dmdr.storage.lease import job_id, new_job_id
+
+        ids = [job_id() or new_job_id(), uuid.uuid4().hex] if acc.is_main_process else [None, None]
         if acc.num_processes > 1:
-            broadcast_object_list(attempt, from_process=0)
-        self.attempt = attempt[0]
+            broadcast_object_list(ids, from_process=0)
+        self.holder, self.attempt = ids
+        self.notes.append(self._on_main(self._acquire))  # one writer per run: another job's run is refused here
+        if acc.is_local_main_process:
+            if self.lease is None:  # nodes > 0: follow the lease to stop when the job loses it
+                self.lease = self._new_lease()
+            self.lease.start(self._lose, write=self.node_rank == 0)
+
+    def _new_lease(self):
+        from dmdr.storage.client import make_client
+        from dmdr.storage.lease import Lease
+        from dmdr.storage.uri import S3Uri
+
+        return Lease(make_client(self.storage_cfg), S3Uri.parse(self.remote), self.holder, self.attempt,
+                     ttl=self.cfg.lease_ttl, renew_every=self.cfg.lease_renew)
+
+    def _acquire(self) -> str:
+        from dmdr.storage.client import storage_errors
+        from dmdr.storage.uri import S3Uri
+
+        self.lease = self._new_lease()
+        with storage_errors(self.storage_cfg, S3Uri.parse(self.remote)):
+            how = self.lease.acquire(takeover=self.cfg.takeover)
+        atexit.register(self.lease.release)  # whatever ends this process, the next job need not wait
+        return how
+
+    def _lose(self, reason: str) -> None:
+        """The lease thread found another job in the run's lease: stop writing, tell the trainer."""
+        self.lost = reason
+        if self.syncer is not None:
+            self.syncer.stop_writing(reason)
+
+    def _fence(self) -> str | None:
+        from dmdr.storage.lease import LeaseLost
+
+        try:
+            self.lease.check()
+        except LeaseLost as exc:
+            self.lost = str(exc)
+        return self.lost
+
+    # --- a rerun never mixes two runs --------------------------------------------------------
+    def _claim_run_dir(self) -> None:
+        """Refuse to start a new run where one exists (unless --resume-ckpt); --overwrite clears it."""
+        cfg, acc = self.cfg, self.acc
+        if cfg.resume_ckpt is not None and not cfg.overwrite:
+            return
+        from accelerate.utils import gather_object
+
+        local = run_claim.local_progress(self.run_dir) if acc.is_local_main_process else None
+        per_node = gather_object([local]) if acc.num_processes > 1 else [local]
+        step = self._on_main(lambda: self._remote_claim(run_claim.newest(*per_node)))
+        if step is None:
+            return
+        removed = run_claim.clear_local(self.run_dir) if acc.is_local_main_process else 0
+        acc.wait_for_everyone()
+        self.notes.append(f"--overwrite: removed the earlier run (up to step {step}): {removed} file(s) in "
+                          f"{self.run_dir}" + (f" and {self.removed_remote} object(s) under {self.remote}"
+                                               if self.enabled else ""))
+
+    def _remote_claim(self, local: int | None) -> int | None:
+        """Main process: the earlier run's step (None: none); refuse it, or delete its objects."""
+        from dmdr.storage.client import make_client, storage_errors
+        from dmdr.storage.lease import LEASE_REL
+        from dmdr.storage.remote import delete_run
+        from dmdr.storage.uri import S3Uri
+
+        remote = None
+        if self.enabled:
+            exp = S3Uri.parse(self.remote)
+            client = make_client(self.storage_cfg)
+            with storage_errors(self.storage_cfg, exp):
+                remote = run_claim.remote_progress(client, exp)
+        step = run_claim.newest(local, remote)
+        if step is None:
+            return None
+        if not self.cfg.overwrite:
+            where = self.run_dir if local is not None else self.remote
+            raise UserError(run_claim.refusal(str(where), step))
+        self.removed_remote = 0
+        if self.enabled:
+            with storage_errors(self.storage_cfg, exp):
+                self.removed_remote = delete_run(client, exp, keep=(LEASE_REL,))
+        return step
 
     # --- resume --------------------------------------------------------------------------
     def restore(self) -> int | None:
@@ -190,6 +309,8 @@ class RunStorage:
         """Start the background syncer (after resume, so restored files are not re-uploaded
         needlessly); drop remote leftovers of a killed attempt above the resumed step, and upload
         the resumed checkpoint if the store does not have it yet."""
+        for note in filter(None, self.notes):
+            get_logger().info(note)
         if self.pulled is not None:
             get_logger().info(f"pulled checkpoint step-{self.pulled} from {self.remote} ({self.pulled_check})")
         if not self.enabled or not self.acc.is_local_main_process:
@@ -198,7 +319,10 @@ class RunStorage:
 
         self.syncer = Syncer(self.run_dir, self.remote, self.storage_cfg,
                              keep_last=self.cfg.keep_last or None, sync_interval=self.cfg.sync_interval,
-                             node_rank=self.node_rank, num_nodes=self.num_nodes, attempt=self.attempt)
+                             node_rank=self.node_rank, num_nodes=self.num_nodes, attempt=self.attempt,
+                             fence=self._fence)
+        if self.lost:
+            self.syncer.stop_writing(self.lost)
         if self.node_rank == 0:
             self.syncer.discard_after(resumed_step)
         remote_step = self.remote_latest
@@ -211,7 +335,7 @@ class RunStorage:
     def before_save(self, stop: Callable[[], bool] | None = None) -> None:
         """The previous checkpoint's upload must finish before the next save (unless the store is
         down, or `stop()` turns true: a stop request ends the wait within a second)."""
-        if self.syncer is None or self.syncer.wait_checkpoint(timeout=self.cfg.s3_wait_timeout, stop=stop):
+        if self.syncer is None or self.lost or self.syncer.wait_checkpoint(timeout=self.cfg.s3_wait_timeout, stop=stop):
             return
         if stop is None or not stop():
             get_logger().warning(
@@ -235,9 +359,16 @@ class RunStorage:
 
     def close(self, timeout: float | None, stop: Callable[[], bool] | None = None) -> bool:
         """Upload what is pending (logs included) within ``timeout`` seconds; True when all went.
-        Once `stop()` is true (a signal), at most ``--shutdown-grace`` more seconds are spent."""
-        if self.syncer is None:
-            return True
-        if stop is not None and not self.syncer.flush(timeout, stop=stop):
-            timeout = self.cfg.shutdown_grace if stop() else 0
-        return self.syncer.close(timeout)
+        Once `stop()` is true (a signal), at most ``--shutdown-grace`` more seconds are spent.
+        Releases the run's lease; a job that lost it (another job took the run over) raises."""
+        done = True
+        if self.syncer is not None:
+            if stop is not None and not self.syncer.flush(timeout, stop=stop):
+                timeout = self.cfg.shutdown_grace if stop() else 0
+            done = self.syncer.close(timeout)
+        if self.lease is not None:
+            self.lease.stop()
+            self.lease.release()  # only the job's rank 0 holds it
+        if self.lost:
+            raise UserError(self.lost)
+        return done

@@ -170,10 +170,12 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         """Every rank stops at the same step: a signal seen by any rank counts for all."""
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0, 1.0 if self.storage.lost else 0.0], device=self.device)
         if self.acc.num_processes > 1:
             flag = self.acc.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+        if flag[1] > 0:  # another job took the run over (its lease): stop at once, write nothing more
+            raise UserError(self.storage.lost or "another job took this run over: see rank 0's log")
+        return bool(flag[0].item() > 0)
 
     def shutdown(self, saved: bool) -> int:
         cfg = self.cfg

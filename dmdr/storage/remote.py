@@ -104,6 +104,33 @@ def put_json(client: Any, uri: S3Uri, data: Any) -> None:
     client.put_object(Bucket=uri.bucket, Key=uri.key, Body=body.encode(), ContentType="application/json")
 
 
+def delete_keys(client: Any, bucket: str, keys: list[str]) -> list[dict]:
+    """Delete objects in batches of 1000; returns the per-key errors the store reported."""
+    errors: list[dict] = []
+    for i in range(0, len(keys), 1000):
+        reply = client.delete_objects(
+            Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+        errors += reply.get("Errors", [])
+    return errors
+
+
+def delete_run(client: Any, exp: S3Uri, keep: tuple[str, ...] = ()) -> int:
+    """Delete every object of the run under `exp` (but the `keep` paths) and abort its unfinished
+    multipart uploads, manifests and `latest.json` first so no half-deleted checkpoint is visible.
+    Returns the number of objects deleted."""
+    keys = [o["Key"] for o in iter_objects(client, exp) if exp.relative(o["Key"]) not in keep]
+    first = [k for k in keys if manifest_step(exp.relative(k)) is not None or exp.relative(k) == LATEST_REL]
+    errors = delete_keys(client, exp.bucket, first) + delete_keys(client, exp.bucket, [k for k in keys if k not in first])
+    pages = client.get_paginator("list_multipart_uploads").paginate(Bucket=exp.bucket, Prefix=exp.prefix)
+    for page in pages:
+        for upload in page.get("Uploads", []):
+            client.abort_multipart_upload(Bucket=exp.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+    if errors:
+        raise UserError(f"Could not delete {len(errors)} object(s) under {exp} ({errors[0].get('Code')}): "
+                        "grant s3:DeleteObject on the prefix, or choose another --exp-name.")
+    return len(keys)
+
+
 def read_manifest_with(client: Any, exp: S3Uri, step: int) -> Manifest | None:
     """Step N's remote manifest, or None when the checkpoint is not complete."""
     data = get_json(client, exp.join(marker_rel(step)))

@@ -23,6 +23,10 @@ waits on the network except in `wait_checkpoint` while the store is healthy. Whi
 failing, at most one checkpoint waits behind the one in flight: a newer submit replaces it, and
 an in-flight checkpoint that keeps failing yields to a waiting newer one, so the newest
 checkpoint is what gets uploaded when the store returns.
+
+One writer: with a `fence` (the run's lease check, see `dmdr.storage.lease`), the checkpoint
+worker asks it before it publishes a manifest or deletes anything; when it answers that another
+job holds the run now (or `stop_writing` is called), every upload stops for good.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ from dmdr.storage.client import MiB, StorageConfig, describe_error, make_client,
 from dmdr.storage.hashio import HashingReader, LocalReadError
 from dmdr.storage.layout import (CHECKPOINTS, LATEST_REL, LOG_PATTERNS, FileEntry, Manifest, marker_rel,
                                  part_rel, read_local_marker, step_of)
-from dmdr.storage.remote import StepObjects, get_json, put_json, scan_checkpoints
+from dmdr.storage.remote import StepObjects, delete_keys, get_json, put_json, scan_checkpoints
 from dmdr.storage.transfers import DaemonExecutor, Health, Inflight, KnownSize, backoff, settle
 from dmdr.storage.uri import S3Uri
 
@@ -92,12 +96,14 @@ class Syncer:
         backoff_max: longest pause between retries, seconds.
         node_wait_timeout: how long node 0 waits for other nodes' parts of a checkpoint.
         max_pending: single-file uploads that may wait; beyond that the oldest is dropped.
+        fence: returns None while this job may write the run, else why not (the lease check).
     """
 
     def __init__(self, local_root: Path | str, remote_root: str, cfg: StorageConfig, *,
                  keep_last: int | None = None, sync_interval: float = 60.0, node_rank: int = 0,
                  num_nodes: int = 1, attempt: str = "0", log_patterns: tuple[str, ...] = LOG_PATTERNS,
-                 backoff_max: float = 60.0, node_wait_timeout: float = 3600.0, max_pending: int = 10_000):
+                 backoff_max: float = 60.0, node_wait_timeout: float = 3600.0, max_pending: int = 10_000,
+                 fence: Callable[[], str | None] | None = None):
         self.local_root = Path(local_root)
         self.remote = S3Uri.parse(remote_root)
         self.keep_last = keep_last
@@ -126,6 +132,8 @@ class Syncer:
         self._stopping = False
         self._closed: bool | None = None  # close()'s result once closed
         self._abort = threading.Event()
+        self._fence = fence
+        self.lost: str | None = None  # why this job may no longer write the run
         self._health = Health(self._notify)
         self._threads = [threading.Thread(target=self._files_loop, name="dmdr-sync-files", daemon=True),
                          threading.Thread(target=self._ckpt_loop, name="dmdr-sync-ckpt", daemon=True)]
@@ -141,6 +149,8 @@ class Syncer:
         rel = Path(rel_path).as_posix()
         with self._cond:
             self._check_open()
+            if self.lost:
+                return
             if len(self._pending) >= self._max_pending and rel not in self._pending:
                 oldest = next(iter(self._pending))
                 del self._pending[oldest]
@@ -161,6 +171,8 @@ class Syncer:
         manifest = read_local_marker(self.local_root, step)
         with self._cond:
             self._check_open()
+            if self.lost:
+                return
             while self._ckpts:
                 old = self._ckpts.popleft()
                 self.abandoned_checkpoints.append(old.step)
@@ -178,7 +190,7 @@ class Syncer:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._ckpts or self._ckpt_busy is not None:
-                if self._health.down:
+                if self._health.down or self.lost:
                     return False
                 if not self._wait(deadline, stop):
                     return False
@@ -191,7 +203,7 @@ class Syncer:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not self._idle():
-                if not self._wait(deadline, stop):
+                if self.lost or not self._wait(deadline, stop):
                     return False
             return True
 
@@ -203,8 +215,10 @@ class Syncer:
         """
         if self._closed is not None:
             return self._closed
-        done = self.flush(timeout)
-        if done:
+        done = not self.lost and self.flush(timeout)
+        if self.lost:
+            self._abort.set()
+        elif done:
             log.info("Storage: all uploads to %s are done.", self.remote)
         else:
             log.warning("Storage: not uploaded to %s within %ss and dropped: %s.",
@@ -259,6 +273,25 @@ class Syncer:
                 self._client.delete_object(Bucket=latest.bucket, Key=latest.key)
         return deleted
 
+    def stop_writing(self, reason: str) -> None:
+        """Stop every upload for good: this job no longer holds the run (`reason` says why)."""
+        with self._cond:
+            if self.lost is None:
+                self.lost = reason
+                log.error("Storage: %s", reason)
+            self._abort.set()
+            self._cond.notify_all()
+        self._inflight.cancel_all()  # not one more byte over the other job's objects
+
+    def _guard(self) -> None:
+        """Before publishing or deleting: ask the fence; abort when this job lost the run."""
+        if self._fence is not None and self.lost is None:
+            reason = self._retry("checking the run's lease", self._fence)
+            if reason:
+                self.stop_writing(reason)
+        if self.lost is not None:
+            raise _Aborted()
+
     def _abort_multipart_after(self, step: int) -> None:
         """Abort unfinished multipart uploads of checkpoint files above `step` (killed uploads)."""
         prefix = self.remote.join(CHECKPOINTS).prefix
@@ -311,6 +344,8 @@ class Syncer:
         """Run `fn` until it succeeds, backing off while the store fails."""
         delays = backoff(self._backoff_max)
         while True:
+            if self.lost is not None:
+                raise _Aborted()
             try:
                 result = fn()
             except _REMOTE_ERRORS as exc:
@@ -393,6 +428,8 @@ class Syncer:
         delays = backoff(self._backoff_max)
         todo = dict(batch)
         while todo:
+            if self.lost is not None:
+                raise _Aborted()
             started = {rel: self._start_file(rel) for rel in todo}
             failed, first_exc = {}, None
             for rel, item in started.items():
@@ -448,6 +485,7 @@ class Syncer:
         step, started = local.step, time.monotonic()
         what = f"uploading checkpoint step {step}"
         manifest_uri = self.remote.join(marker_rel(step))
+        self._guard()
         if self.node_rank == 0:  # a re-saved step must be invisible while its files change
             self._retry(what, lambda: self._client.delete_object(Bucket=manifest_uri.bucket,
                                                                  Key=manifest_uri.key))
@@ -462,6 +500,7 @@ class Syncer:
             entries = self._gather_parts(step, local.world_size, entries)
         manifest = Manifest(step, sorted(entries, key=lambda e: e.path), local.world_size, local.time,
                             self.num_nodes)
+        self._guard()  # another job may have taken the run over while the files went up
         self._retry(what, lambda: put_json(self._client, manifest_uri, manifest))
         self._retry(what, lambda: put_json(self._client, self.remote.join(LATEST_REL),
                                            {"step": step, "manifest": marker_rel(step)}))
@@ -479,6 +518,8 @@ class Syncer:
         done: dict[str, FileEntry] = {}
         delays = backoff(self._backoff_max)
         while True:
+            if self.lost is not None:
+                raise _Aborted()
             todo = [f for f in local.files if f.path not in done]
             if not todo:
                 return [done[f.path] for f in local.files]
@@ -548,6 +589,7 @@ class Syncer:
         return list(merged.values())
 
     def _apply_retention(self, latest_step: int) -> None:
+        self._guard()
         steps = scan_checkpoints(self._client, self.remote)
         for step in retention_victims(steps, latest_step, self.keep_last or 0):
             self._delete_step(step, steps[step].keys)
@@ -557,11 +599,8 @@ class Syncer:
         manifest_key = self._key(marker_rel(step))
         self._client.delete_object(Bucket=self.remote.bucket, Key=manifest_key)
         rest = [k for k in keys if k != manifest_key]
-        for i in range(0, len(rest), 1000):
-            chunk = rest[i:i + 1000]
-            reply = self._client.delete_objects(
-                Bucket=self.remote.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
-            if reply.get("Errors"):
-                log.warning("Retention could not delete %d object(s) of step %d (%s).",
-                            len(reply["Errors"]), step, reply["Errors"][0].get("Code"))
+        errors = delete_keys(self._client, self.remote.bucket, rest)
+        if errors:
+            log.warning("Retention could not delete %d object(s) of step %d (%s).",
+                        len(errors), step, errors[0].get("Code"))
         return len(rest) + (manifest_key in keys)

@@ -114,8 +114,9 @@ def test_kill_9_mid_upload_resumes_from_the_previous_complete_checkpoint(tmp_pat
     run_dmdr(tiny_args(tmp_path / "warm", "w", cache, "--max-train-steps", "1"), cache)
     cmd = DMDR + tiny_args(tmp_path / "pod1", "k", cache, "--max-train-steps", "100000", "--checkpoint-steps", "2",
                            "--sample-steps", "1000", "--s3-wait-timeout", "1", *s3_args(moto, bucket))
+    same_job = {"DMDR_JOB_ID": "job-k"}  # the pod is restarted by its job: it may take the run's lease back
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env(cache, **aws_env()), cwd=REPO, start_new_session=True)
+                            env=env(cache, **aws_env(same_job)), cwd=REPO, start_new_session=True)
     log = tmp_path / "pod1" / "k" / "log.txt"
     try:
         wait_for(lambda: log.exists() and "Checkpoint step 2 uploaded" in log.read_text(), timeout=300,
@@ -132,6 +133,6 @@ def test_kill_9_mid_upload_resumes_from_the_previous_complete_checkpoint(tmp_pat
     # a new pod with an empty disk resumes from the last COMPLETE checkpoint in the store
     proc2 = run_dmdr(tiny_args(tmp_path / "pod2", "k", cache, "--max-train-steps", "5", "--checkpoint-steps", "2",
                                "--sample-steps", "1000", "--resume-ckpt", "auto", *s3_args(moto, bucket)),
-                     cache, **aws_env())
+                     cache, **aws_env(same_job))
     assert "pulled checkpoint step-2" in proc2.stdout and "generator step 2," in proc2.stdout
     assert remote_json(moto, bucket, "runs/k/checkpoints/latest.json")["step"] == 5

@@ -193,6 +193,10 @@ spec:
 {{- end }}
 {{- with $v.storage.s3 }}
 {{- if .uri }}
+{{- /* One writer per run: every pod and restart of this job shares the id in the run's lease;
+       another install (or a zombie pod of an earlier revision) is refused while it renews it. */}}
+- name: DMDR_JOB_ID
+  value: {{ printf "%s-%d" $.Release.Name $.Release.Revision | quote }}
 - name: DMDR_S3_URI
   value: {{ .uri | quote }}
 - name: DMDR_S3_PATH_STYLE
