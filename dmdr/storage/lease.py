@@ -224,15 +224,23 @@ class Lease:
     def start(self, on_lost: Callable[[str], None], *, write: bool = True) -> None:
         """Renew (`write`, node 0) or only check (other nodes) every `renew_every` s in a thread."""
         def loop() -> None:
+            failing = False
             while not self._stop.wait(self.renew_every):
                 try:
-                    self.renew() if write else self.check()
+                    if write:
+                        self.renew()
+                    else:
+                        self.check()
                 except LeaseLost as exc:
                     on_lost(str(exc))
                     return
                 except (bexc.BotoCoreError, bexc.ClientError) as exc:
-                    log.warning("Storage: could not renew the lease %s (%s); retrying.", self.uri,
-                                describe_error(exc))
+                    if not failing:  # one line per outage; it expires after --lease-ttl without renewal
+                        log.warning("Storage: could not renew the lease %s (%s); retrying.", self.uri,
+                                    describe_error(exc))
+                    failing = True
+                    continue
+                failing = False
 
         self._thread = threading.Thread(target=loop, name="dmdr-lease", daemon=True)
         self._thread.start()
