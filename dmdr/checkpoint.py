@@ -75,7 +75,8 @@ def verify_checkpoint(ckpt_dir: Path, step: int, hashes: bool = False) -> None:
             if problem is None and hashes and entry.sha256 and sha256_file(path) != entry.sha256:
                 problem = f"{entry.path} does not match the marker's sha256"
         if problem:
-            raise UserError(f"checkpoint step-{step} in {ckpt_dir} is damaged: {problem}")
+            raise UserError(f"checkpoint step-{step} in {ckpt_dir} is damaged: {problem}; resume another step, "
+                            "or --resume-ckpt auto, which falls back to the previous complete one")
 
 
 def step_paths(ckpt_dir: Path, step: int) -> list[Path]:
