@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dmdr.errors import UserError
+from dmdr.storage.hashio import human_size
 from dmdr.weights import (DEFAULT_MANIFEST, fetch_weights, load_manifest, parse_groups, read_lock,
                           set_hf_token_file, verify_weights)
 
@@ -85,21 +86,12 @@ def run_list(args: argparse.Namespace) -> int:
     print(f"  {'GROUP':<14} {'NAME':<48} {'SIZE':>9}  {'SHA256':<64}  SOURCE")
     for e in manifest.entries:
         mark = "*" if e.group in manifest.default_groups else " "
-        size = _human(e.size) if e.size is not None else "?"
+        size = human_size(e.size) if e.size is not None else "?"
         print(f"{mark} {e.group:<14} {e.name:<48} {size:>9}  {e.sha256 or '-':<64}  {e.sources[0]}")
     print(f"* = a default group ({', '.join(manifest.default_groups) or 'none'}): fetched when --groups is not "
           "given. SIZE ? = not pinned in the manifest; SHA256 - = not pinned (a folder, or a file checked only "
           "against the record of its fetch).")
     return 0
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from dmdr.errors import UserError
+from dmdr.storage.hashio import human_size
 from dmdr.storage.layout import ONLY_GROUPS, verification  # light; the boto3 modules load in the commands
 
 
@@ -72,15 +73,6 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     add_s3_options(pull)
 
 
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
-
-
 def run_ls(args: argparse.Namespace) -> int:
     """Print the checkpoints of a run, or the runs under a prefix."""
     from dmdr.storage.remote import list_checkpoints, list_runs
@@ -92,7 +84,7 @@ def run_ls(args: argparse.Namespace) -> int:
         print(f"{'STEP':>10}  {'SIZE':>10}  STATUS")
         for ckpt in checkpoints:
             status = "DAMAGED" if ckpt.damaged else "complete" if ckpt.complete else "incomplete"
-            print(f"{ckpt.step:>10}  {_human(ckpt.size):>10}  {status}{'  (latest)' if ckpt.latest else ''}")
+            print(f"{ckpt.step:>10}  {human_size(ckpt.size):>10}  {status}{'  (latest)' if ckpt.latest else ''}")
         for ckpt in checkpoints:
             if ckpt.damaged:
                 print(f"step {ckpt.step} is damaged: {ckpt.damaged}; resume skips it: delete that manifest "
@@ -123,6 +115,6 @@ def run_pull(args: argparse.Namespace) -> int:
         except ValueError:
             raise UserError(f"--step '{args.step}' is not 'latest' or a step number.") from None
     manifest = download_checkpoint(args.uri, step, args.dest, only=args.only, cfg=cfg)
-    print(f"Pulled step {step} ({len(manifest.files)} files, {_human(manifest.size)}, {verification(manifest)}) "
+    print(f"Pulled step {step} ({len(manifest.files)} files, {human_size(manifest.size)}, {verification(manifest)}) "
           f"into {args.dest}")
     return 0

@@ -92,3 +92,13 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def human_size(size: int) -> str:
+    """A byte count for people: ``812 B``, ``1.5 KiB`` ... ``2.0 GiB`` (GiB is the largest unit)."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
