@@ -95,11 +95,23 @@ def test_weights_stage_fetcher_runs_from_exactly_the_copied_files(tmp_path):
                     dst.mkdir(parents=True, exist_ok=True)
                     shutil.copy(REPO / src, dst)
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", "import sys; sys.path.remove(''); import runpy; "
+    # only the copied files: no '' on the path, and not this checkout's editable install either
+    isolated = ("import sys; sys.path.remove(''); sys.path[:] = [p for p in sys.path if 'editable' not in p]; "
+                "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; ")
+    out = subprocess.run([sys.executable, "-c", isolated + "import runpy; "
                           "runpy.run_module('dmdr.weights', run_name='__main__')", "list", "--manifest",
                           str(REPO / "dmdr/assets/weights.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "Apple_CLIP-H-14-224.bin" in out.stdout
+    # `list` loads little; a fetch imports dmdr.fetch and the storage client: every copied module
+    # must import from the copied files alone (a missing one broke the image build once: dmdr.redact)
+    modules = sorted(".".join(f.relative_to(tmp_path).with_suffix("").parts)
+                     for f in (tmp_path / "dmdr").rglob("*.py") if f.name != "__init__.py")
+    out = subprocess.run([sys.executable, "-c", isolated + "import importlib; "
+                          "[importlib.import_module(m) for m in sys.argv[1:]]", *modules],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "dmdr.fetch" in modules and "dmdr.storage.client" in modules
+    assert out.returncode == 0, out.stderr
 
 
 def test_dockerignore_keeps_local_state_out():
