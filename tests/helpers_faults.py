@@ -19,22 +19,12 @@ class SlowProxy(TcpProxy):
         super().__init__(target_port)
         self.rate = rate
 
-    def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
-        if not record:  # answers from the store flow at full speed
-            return super()._pump(src, dst, record)
-        chunk = max(1, self.rate // 20)
-        try:
-            while data := src.recv(chunk):
-                dst.sendall(data)
-                time.sleep(len(data) / self.rate)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+    def _chunk(self, upstream: bool) -> int:
+        return max(1, self.rate // 20) if upstream else super()._chunk(upstream)
+
+    def _pace(self, nbytes: int, upstream: bool) -> None:
+        if upstream:  # answers from the store flow at full speed
+            time.sleep(nbytes / self.rate)
 
 
 class SilentServer:

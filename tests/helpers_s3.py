@@ -195,13 +195,21 @@ class TcpProxy:
             threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
 
+    def _chunk(self, upstream: bool) -> int:
+        """Bytes forwarded at a time; ``upstream`` is the client-to-store direction."""
+        return 1 << 16
+
+    def _pace(self, nbytes: int, upstream: bool) -> None:
+        """Called after each forwarded chunk: a throttling proxy sleeps here."""
+
     def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
         parser = _RequestParser(self.requests) if record else None
         try:
-            while data := src.recv(1 << 16):
+            while data := src.recv(self._chunk(record)):
                 if parser:
                     parser.feed(data)
                 dst.sendall(data)
+                self._pace(len(data), record)
         except OSError:
             pass
         finally:
