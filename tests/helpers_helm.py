@@ -3,8 +3,8 @@
 Rendering goes through ci/render_chart.py (the code behind `make helm-template` and
 `make k8s-examples`), so tests see exactly what users and the committed examples get.
 
-`operator_env` reproduces what the Kubeflow training operator (v1, >= 1.7) adds to the
-"pytorch" container of each replica, and `local_replicas` turns a rendered PyTorchJob into
+`operator_env` reproduces what the Kubeflow training operator (release-1.9) adds to every
+container of each replica, and `local_replicas` turns a rendered PyTorchJob into
 local processes (hosts resolved to loopback, volumes to folders), for tests that run the pods.
 """
 from __future__ import annotations
@@ -91,14 +91,56 @@ def as_pod(template: dict[str, Any], name: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
 
 
+def _list_map_keys(validator, keys, instance, schema):
+    """`x-kubernetes-list-type: map`: no two items may share the key fields (the API server's
+    "Duplicate value"), e.g. two env vars of one name or two mounts at one path. A key field
+    left out counts with its schema default (a port's protocol is TCP)."""
+    if schema.get("x-kubernetes-list-type") != "map" or not validator.is_type(instance, "array"):
+        return
+    fields = schema.get("items", {}).get("properties", {})
+    seen: dict[tuple, int] = {}
+    for i, item in enumerate(instance):
+        if not isinstance(item, dict):
+            continue
+        key = tuple(item.get(k, fields.get(k, {}).get("default")) for k in keys)
+        if key in seen:
+            shown = ", ".join(f"{k}={v}" for k, v in zip(keys, key))
+            yield jsonschema.ValidationError(
+                f"Duplicate value: {shown} (items {seen[key]} and {i}; keys {list(keys)})")
+        seen.setdefault(key, i)
+
+
+_LIST_MAP = {"x-kubernetes-list-map-keys": _list_map_keys}
+
+
 def validate_k8s(obj: dict[str, Any]) -> None:
-    """Strict Kubernetes OpenAPI validation (unknown fields are errors)."""
+    """Strict Kubernetes OpenAPI validation (unknown fields are errors), plus the list-map
+    keys the schemas declare (kubernetes_validate ignores them): duplicate env names,
+    volume names, mount paths or container ports are errors, as at the API server."""
     kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    errors = list(_k8s_validator(obj["apiVersion"], obj["kind"]).iter_errors(obj))
+    if errors:
+        raise AssertionError("; ".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors))
+
+
+@functools.lru_cache(maxsize=None)
+def _k8s_validator(api_version: str, kind: str) -> jsonschema.Validator:
+    from kubernetes_validate.utils import schema_contents
+    from referencing import Registry, Resource
+
+    folder = f"kubernetes-json-schema/v{K8S_VERSION}-local-strict"
+    group = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+    schema = schema_contents(f"{folder}/{kind.lower()}-{group}.json", K8S_VERSION)
+    definitions = schema_contents(f"{folder}/_definitions.json", K8S_VERSION)
+    registry = Resource.from_contents(definitions) @ (Resource.from_contents(schema) @ Registry())
+    cls = jsonschema.validators.extend(jsonschema.Draft202012Validator, _LIST_MAP)
+    return cls(schema, registry=registry)
 
 
 def _structural(schema: Any) -> Any:
     """A CRD's OpenAPI v3 schema as plain JSON Schema, with the API server's strictness:
-    unknown fields are errors unless x-kubernetes-preserve-unknown-fields, nullable allows null.
+    unknown fields are errors unless x-kubernetes-preserve-unknown-fields, nullable allows null,
+    list-map keys are kept (crd_validator enforces them) and list-type set means unique items.
     """
     if isinstance(schema, list):
         return [_structural(item) for item in schema]
@@ -113,6 +155,11 @@ def _structural(schema: Any) -> Any:
         out.setdefault("additionalProperties", False)
     if "properties" in schema:
         out["properties"] = {k: _structural(v) for k, v in schema["properties"].items()}
+    if schema.get("x-kubernetes-list-type") == "map":
+        out["x-kubernetes-list-type"] = "map"
+        out["x-kubernetes-list-map-keys"] = schema["x-kubernetes-list-map-keys"]
+    elif schema.get("x-kubernetes-list-type") == "set":
+        out["uniqueItems"] = True
     return out
 
 
@@ -123,7 +170,7 @@ def crd_validator(crd_path: Path = PYTORCHJOB_CRD, version: str = "v1") -> jsons
     crd = next(doc for doc in yaml.load_all(crd_path.read_text(), Loader=loader) if doc)
     served = next(v for v in crd["spec"]["versions"] if v["name"] == version)
     schema = _structural(served["schema"]["openAPIV3Schema"])
-    return jsonschema.Draft7Validator(schema)
+    return jsonschema.validators.extend(jsonschema.Draft7Validator, _LIST_MAP)(schema)
 
 
 # --- what the training operator injects -------------------------------------------------
@@ -138,32 +185,45 @@ def _port(job: dict[str, Any], rtype: str) -> int:
 
 
 def operator_env(job: dict[str, Any], rtype: str, index: int) -> dict[str, str]:
-    """Env the training operator (kubeflow.org/v1, >= 1.7) appends for replica rtype-index.
+    """Env the training operator appends to EVERY container of replica rtype-index.
 
-    Mirrors setPodEnv and the master/elastic env generators of training-operator v1:
-    WORLD_SIZE = all replicas x nprocPerNode and RANK / PET_NODE_RANK only with a Master;
-    PET_NNODES is "min:max" in elastic mode, else the replica count.
+    Follows `setPodEnv` of kubeflow/training-operator release-1.9
+    (pkg/controller.v1/pytorch/envvar.go) with its master and elastic generators
+    (master.go, elastic.go): PYTHONUNBUFFERED=1; with a Master replica MASTER_*/PET_MASTER_*,
+    WORLD_SIZE = all replicas x nprocPerNode, RANK and PET_NODE_RANK (workers offset by one);
+    PET_NNODES "min:max" in elastic mode (from the elastic generator), else the replica
+    count; PET_NPROC_PER_NODE = spec.nprocPerNode in both modes. The operator appends after
+    the container's own env, so on a duplicate name its value is the one the process sees.
     """
     spec = job["spec"]
     name = job["metadata"]["name"]
     replicas = {rt: int(rs.get("replicas", 1)) for rt, rs in spec["pytorchReplicaSpecs"].items()}
     total = sum(replicas.values())
-    nproc_raw = str(spec.get("nprocPerNode", "auto"))
+    nproc_raw = str(spec.get("nprocPerNode", "auto"))  # the operator's webhook defaults it to auto
     nproc = int(nproc_raw) if nproc_raw.isdigit() else 1
-    env = {"PYTHONUNBUFFERED": "0"}
+    env = {"PYTHONUNBUFFERED": "1"}
     if "Master" in replicas:
         port = str(_port(job, "Master"))
         rank = index + 1 if rtype == "Worker" else index
         env.update({
             "MASTER_PORT": port, "MASTER_ADDR": f"{name}-master-0",
             "PET_MASTER_PORT": port, "PET_MASTER_ADDR": f"{name}-master-0",
-            "WORLD_SIZE": str(total * nproc), "RANK": str(rank),
-            "PET_NPROC_PER_NODE": nproc_raw, "PET_NODE_RANK": str(rank),
+            "WORLD_SIZE": str(total * nproc), "RANK": str(rank), "PET_NODE_RANK": str(rank),
         })
     elastic = spec.get("elasticPolicy")
     if elastic is None:
         env["PET_NNODES"] = str(total)
-        return env
+    else:
+        env.update(_elastic_env(job, elastic, replicas))
+    env["PET_NPROC_PER_NODE"] = nproc_raw
+    return env
+
+
+def _elastic_env(job: dict[str, Any], elastic: dict[str, Any],
+                 replicas: dict[str, int]) -> dict[str, str]:
+    """The elastic generator's variables (elastic.go)."""
+    name = job["metadata"]["name"]
+    env = {}
     host = elastic.get("rdzvHost", f"{name}-worker-0")
     env["PET_RDZV_ENDPOINT"] = f"{host}:{elastic.get('rdzvPort', _port(job, 'Worker'))}"
     env["PET_RDZV_BACKEND"] = elastic.get("rdzvBackend", "c10d")
@@ -173,8 +233,6 @@ def operator_env(job: dict[str, Any], rtype: str, index: int) -> dict[str, str]:
         env["PET_NNODES"] = str(replicas["Worker"])
     if "maxRestarts" in elastic:
         env["PET_MAX_RESTARTS"] = str(elastic["maxRestarts"])
-    if "nProcPerNode" in elastic:
-        env["PET_NPROC_PER_NODE"] = str(elastic["nProcPerNode"])
     if "rdzvId" in elastic:
         env["PET_RDZV_ID"] = elastic["rdzvId"]
     if elastic.get("rdzvConf"):
@@ -182,6 +240,17 @@ def operator_env(job: dict[str, Any], rtype: str, index: int) -> dict[str, str]:
     if elastic.get("standalone"):
         env["PET_STANDALONE"] = ""
     return env
+
+
+def operator_pod_spec(job: dict[str, Any], rtype: str, index: int) -> dict[str, Any]:
+    """The pod spec the operator creates for rtype-index: the template's spec with
+    operator_env appended to every container (init containers are left alone, as setPodEnv
+    loops over Spec.Containers only)."""
+    spec = copy.deepcopy(replica_templates(job)[rtype]["spec"])
+    extra = [{"name": k, "value": v} for k, v in operator_env(job, rtype, index).items()]
+    for container in spec["containers"]:
+        container["env"] = list(container.get("env", [])) + extra
+    return spec
 
 
 # --- the rendered pods as local processes ------------------------------------------------
@@ -233,7 +302,7 @@ def local_replicas(objects: list[dict[str, Any]], root: Path,
 
 def _local_pod(job, rtype, index, root, configmaps, secrets, host, job_name) -> LocalReplica:
     pod_name = f"{job_name}-{rtype.lower()}-{index}"
-    spec = replica_templates(job)[rtype]["spec"]
+    spec = operator_pod_spec(job, rtype, index)
     container = next(c for c in spec["containers"] if c["name"] == "pytorch")
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     mounts: dict[str, Path] = {}
@@ -253,9 +322,12 @@ def _local_pod(job, rtype, index, root, configmaps, secrets, host, job_name) -> 
                 (mounts[mount["mountPath"]] / key).write_text(_rewrite(text, mounts))
 
     env = {k: os.environ[k] for k in ("PATH", "LANG", "PYTHONPATH") if k in os.environ}
-    for item in container.get("env", []):
+    for item in container.get("env", []):  # in order: a later duplicate wins, as in a pod
         if "value" in item:
-            env[item["name"]] = _rewrite(str(item["value"]), mounts)
+            value = str(item["value"])
+            for pod in (f"{job_name}-master-0", f"{job_name}-worker-0"):  # pod DNS -> host
+                value = value.replace(pod, host)
+            env[item["name"]] = _rewrite(value, mounts)
         else:
             ref = item["valueFrom"]["secretKeyRef"]
             try:
@@ -263,10 +335,6 @@ def _local_pod(job, rtype, index, root, configmaps, secrets, host, job_name) -> 
             except KeyError:
                 raise AssertionError(f"{pod_name}: env {item['name']} needs Secret "
                                      f"{ref['name']} key {ref['key']}") from None
-    for key, value in operator_env(job, rtype, index).items():
-        for pod in (f"{job_name}-master-0", f"{job_name}-worker-0"):
-            value = value.replace(pod, host)
-        env[key] = value
 
     command = container["command"] + container.get("args", [])
     argv = [_rewrite(arg, mounts) for arg in command]  # container paths -> this pod's folders

@@ -201,6 +201,70 @@ def test_command_and_operator_env_count_processes_not_pods(path):
             assert env["PET_NPROC_PER_NODE"] == str(nproc)
 
 
+def test_operator_env_is_setpodenv_of_release_1_9():
+    """PYTHONUNBUFFERED=1 and PET_NPROC_PER_NODE in both modes, in every container."""
+    for elastic in (True, False):
+        job = h.the(h.render_objects({"elastic": {"enabled": elastic}}), "PyTorchJob")
+        rtype = "Worker" if elastic else "Master"
+        env = h.operator_env(job, rtype, 0)
+        assert env["PYTHONUNBUFFERED"] == "1"
+        assert env["PET_NPROC_PER_NODE"] == job["spec"]["nprocPerNode"] == "8"
+        template = h.replica_templates(job)[rtype]
+        template["spec"]["containers"].append({"name": "sidecar", "image": "busybox"})
+        spec = h.operator_pod_spec(job, rtype, 0)
+        for container in spec["containers"]:
+            names = [e["name"] for e in container.get("env", [])]
+            assert names[-len(env):] == list(env), container["name"]  # appended, in order
+
+
+def test_list_map_keys_are_enforced_like_the_api_server():
+    """Duplicate env names / mount paths / volume names fail at `helm install`
+    ("Duplicate value"): the CRD and Pod validators here must fail the same way."""
+    job = h.the(h.render_objects(), "PyTorchJob")
+    spec = h.replica_templates(job)["Worker"]["spec"]
+    container = spec["containers"][0]
+    container["env"].append(dict(container["env"][0]))
+    container["volumeMounts"].append({"name": "tmp", "mountPath": "/tmp"})
+    spec["volumes"].append(dict(spec["volumes"][0]))
+    if h.PYTORCHJOB_CRD.exists():
+        messages = [e.message for e in h.crd_validator().iter_errors(job)]
+        assert sum("Duplicate value" in m for m in messages) == 3, messages
+        assert any("name=HOME" in m for m in messages) and any("mountPath=/tmp" in m for m in messages)
+    with pytest.raises(AssertionError, match="Duplicate value: name=HOME"):
+        h.validate_k8s(h.as_pod(h.replica_templates(job)["Worker"], "run-dmdr-worker-0"))
+
+
+@pytest.mark.parametrize("values, expected", [
+    pytest.param({"extraEnv": [{"name": "HOME", "value": "/x"}]}, "env HOME is set twice",
+                 id="extraEnv-vs-chart"),
+    pytest.param({"extraEnv": [{"name": "FOO", "value": "1"}, {"name": "FOO", "value": "2"}]},
+                 "env FOO is set twice", id="extraEnv-twice"),
+    pytest.param({"nccl": {"extraEnv": {"NCCL_DEBUG": "INFO"}}}, "env NCCL_DEBUG is set twice",
+                 id="nccl.extraEnv-vs-chart"),
+    pytest.param({"nccl": {"extraEnv": {"NCCL_X": "1"}}, "extraEnv": [{"name": "NCCL_X", "value": "2"}]},
+                 "env NCCL_X is set twice", id="nccl.extraEnv-vs-extraEnv"),
+    pytest.param({"extraEnv": [{"name": "PYTHONUNBUFFERED", "value": "0"}]},
+                 "env PYTHONUNBUFFERED is set by the training operator", id="operator-env"),
+    pytest.param({"extraVolumes": [{"name": "tmp", "emptyDir": {}}]}, "two volumes named tmp",
+                 id="extraVolumes"),
+    pytest.param({"extraVolumes": [{"name": "data", "emptyDir": {}}],
+                  "extraVolumeMounts": [{"name": "data", "mountPath": "/tmp"}]},
+                 "two volumeMounts at /tmp", id="extraVolumeMounts"),
+])
+def test_duplicate_list_keys_are_refused(values, expected):
+    assert expected in h.render_error(values)
+
+
+def test_distinct_extra_env_and_volumes_render_and_validate():
+    values = {"extraEnv": [{"name": "FOO", "value": "1"}], "nccl": {"extraEnv": {"NCCL_X": "1"}},
+              "extraVolumes": [{"name": "data", "emptyDir": {}}],
+              "extraVolumeMounts": [{"name": "data", "mountPath": "/data"}]}
+    job = h.the(h.render_objects(values), "PyTorchJob")
+    if h.PYTORCHJOB_CRD.exists():
+        assert not list(h.crd_validator().iter_errors(job))
+    h.validate_k8s(h.as_pod(h.replica_templates(job)["Worker"], "run-dmdr-worker-0"))
+
+
 def test_fixed_size_is_one_master_plus_workers():
     job = h.the(h.render_objects({"elastic": {"enabled": False}, "job": {"replicas": 3}}),
                 "PyTorchJob")

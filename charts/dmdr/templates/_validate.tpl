@@ -83,9 +83,48 @@ sentence naming the values involved and the fix. Included once, from pytorchjob.
 {{- fail (printf "training.overrides.%s looks like a credential, and overrides are stored in a plaintext ConfigMap: put it in a Secret and pass it with extraEnv valueFrom.secretKeyRef (or hfToken / storage.s3.credentials)" $key) }}
 {{- end }}
 {{- end }}
+{{- include "dmdr.validateListKeys" . }}
 {{- range $v.extraEnv }}
 {{- if and (regexMatch $credential .name) (hasKey . "value") }}
 {{- fail (printf "extraEnv %s has a literal value, which would be stored in the job spec in plaintext: use valueFrom.secretKeyRef with a Secret instead" .name) }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The API server keys these lists (x-kubernetes-list-type: map in the PyTorchJob CRD and the
+core Pod schema) and refuses two items with one key ("Duplicate value") at install time:
+env by name, volumes by name, volumeMounts by mountPath. The chart's own items plus
+extraEnv / nccl.extraEnv / extraVolumes / extraVolumeMounts are checked here, in the pod as
+rendered. Names the training operator injects are refused too: its value would win.
+*/}}
+{{- define "dmdr.validateListKeys" -}}
+{{- $pod := include "dmdr.podTemplate" . | fromYaml }}
+{{- $operator := "^(PET_[A-Z_]+|MASTER_ADDR|MASTER_PORT|WORLD_SIZE|RANK|PYTHONUNBUFFERED)$" }}
+{{- range $pod.spec.containers }}
+{{- $seen := dict }}
+{{- range .env }}
+{{- if hasKey $seen .name }}
+{{- fail (printf "env %s is set twice in the pod (the chart sets it, or extraEnv / nccl.extraEnv name it again), which the API server refuses: remove the duplicate from extraEnv or nccl.extraEnv" .name) }}
+{{- end }}
+{{- if regexMatch $operator .name }}
+{{- fail (printf "env %s is set by the training operator, which appends its own value: remove it from extraEnv / nccl.extraEnv" .name) }}
+{{- end }}
+{{- $_ := set $seen .name true }}
+{{- end }}
+{{- $paths := dict }}
+{{- range .volumeMounts }}
+{{- if hasKey $paths .mountPath }}
+{{- fail (printf "two volumeMounts at %s (the chart mounts /etc/dmdr, /dev/shm, /tmp, /home/dmdr, /home/dmdr/.cache, /workspace/outputs): give the extraVolumeMounts entry another mountPath" .mountPath) }}
+{{- end }}
+{{- $_ := set $paths .mountPath true }}
+{{- end }}
+{{- end }}
+{{- $names := dict }}
+{{- range $pod.spec.volumes }}
+{{- if hasKey $names .name }}
+{{- fail (printf "two volumes named %s (the chart's are config, dshm, tmp, home, cache, outputs): rename the extraVolumes entry (and its extraVolumeMounts name)" .name) }}
+{{- end }}
+{{- $_ := set $names .name true }}
 {{- end }}
 {{- end }}
