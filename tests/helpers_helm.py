@@ -281,8 +281,7 @@ def local_replicas(objects: list[dict[str, Any]], root: Path,
 
     Pod DNS names become `host`, every volume mount a folder (the ConfigMap's files written
     into it, their mount paths rewritten), `secretKeyRef` values come from `secrets`, the
-    rendezvous port can be moved to a free one, and `torchrun` is this Python's
-    `-m torch.distributed.run`.
+    rendezvous port can be moved to a free one, and `python` is this interpreter.
     """
     job = copy.deepcopy(the(objects, "PyTorchJob"))
     configmaps = {cm["metadata"]["name"]: cm.get("data", {}) for cm in by_kind(objects, "ConfigMap")}
@@ -338,6 +337,6 @@ def _local_pod(job, rtype, index, root, configmaps, secrets, host, job_name) -> 
 
     command = container["command"] + container.get("args", [])
     argv = [_rewrite(arg, mounts) for arg in command]  # container paths -> this pod's folders
-    if argv[0] == "torchrun":  # this interpreter, wherever it lives (after the rewrite: /tmp may be a mount)
-        argv = [sys.executable, "-m", "torch.distributed.run"] + argv[1:]
+    if argv[0] == "python":  # this interpreter, wherever it lives (after the rewrite: /tmp may be a mount)
+        argv = [sys.executable] + argv[1:]
     return LocalReplica(pod_name, argv, env, mounts)

@@ -181,9 +181,10 @@ def test_command_and_operator_env_count_processes_not_pods(path):
     elastic = job["spec"].get("elasticPolicy")
     for rtype, template in _pods(objects):
         container = _container(template)
-        assert container["command"] == ["torchrun"]
-        assert container["args"][:8] == [f"--nproc-per-node={nproc}", "-m", "dmdr", "train",
-                                          "--config", "/etc/dmdr/config.yaml",
+        assert container["command"] == ["python", "-m", "dmdr.launch.run"]  # torchrun, exit >= 128 on SIGTERM
+        grace = template["spec"]["terminationGracePeriodSeconds"]
+        assert container["args"][:9] == [f"--nproc-per-node={nproc}", f"--shutdown-timeout={grace - 10}",
+                                          "-m", "dmdr", "train", "--config", "/etc/dmdr/config.yaml",
                                           "--resume-ckpt", "auto"]
         if gpus:
             assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
@@ -265,6 +266,23 @@ def test_distinct_extra_env_and_volumes_render_and_validate():
     h.validate_k8s(h.as_pod(h.replica_templates(job)["Worker"], "run-dmdr-worker-0"))
 
 
+def test_the_grace_period_reaches_torchrun_and_the_trainer():
+    """torchrun SIGKILLs workers 30 s after SIGTERM unless told otherwise; the trainer's
+    shutdown_grace must fit inside what the pod's grace period leaves."""
+    objects = h.render_objects({"job": {"terminationGracePeriodSeconds": 600}})
+    for _, template in _pods(objects):
+        assert template["spec"]["terminationGracePeriodSeconds"] == 600
+        assert "--shutdown-timeout=590" in _container(template)["args"]
+    config = yaml.safe_load(h.the(objects, "ConfigMap")["data"]["config.yaml"])
+    assert config["shutdown_grace"] == 580
+    kept = h.render_objects({"training": {"overrides": {"shutdown_grace": 100}}})
+    assert yaml.safe_load(h.the(kept, "ConfigMap")["data"]["config.yaml"])["shutdown_grace"] == 100
+    error = h.render_error({"training": {"overrides": {"shutdown_grace": 290}}})
+    assert "training.overrides.shutdown_grace (290 s) does not fit job.terminationGracePeriodSeconds (300 s)" in error
+    assert "at most 280" in error
+    assert "terminationGracePeriodSeconds" in h.render_error({"job": {"terminationGracePeriodSeconds": 20}})
+
+
 def test_fixed_size_is_one_master_plus_workers():
     job = h.the(h.render_objects({"elastic": {"enabled": False}, "job": {"replicas": 3}}),
                 "PyTorchJob")
@@ -324,11 +342,11 @@ def test_training_config_keeps_its_types_through_helm_and_pyyaml():
                                release="my-run")
     config = yaml.safe_load(h.the(objects, "ConfigMap")["data"]["config.yaml"])
     assert config == {"preset": "tiny", "output_dir": "/workspace/outputs",
-                      "exp_name": "my-run", **overrides}
+                      "exp_name": "my-run", "shutdown_grace": 280, **overrides}
     assert type(config["learning_rate_gen"]) is float and type(config["seed"]) is int
     without_preset = h.render_objects({"training": {"preset": "", "expName": "x1"}})
     assert yaml.safe_load(h.the(without_preset, "ConfigMap")["data"]["config.yaml"]) == {
-        "output_dir": "/workspace/outputs", "exp_name": "x1"}
+        "output_dir": "/workspace/outputs", "exp_name": "x1", "shutdown_grace": 280}
 
 
 def test_notes_give_the_commands_for_this_release():

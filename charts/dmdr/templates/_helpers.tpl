@@ -121,3 +121,16 @@ a mantissa dot (PyYAML reads "1e-07" as a string, "1.0e-07" as a float).
 {{- else }}{{ regexReplaceAll "^(-?[0-9]+)e" (printf "%g" (float64 .)) "${1}.0e" }}
 {{- end }}
 {{- end }}
+
+{{/*
+The stop after SIGTERM, inside job.terminationGracePeriodSeconds (T): torchrun SIGKILLs its
+workers at T-10 s (10 s left for it to exit before the kubelet's SIGKILL), and the trainer
+finishes its step, saves (checkpoint_on_sigterm) and flushes uploads within shutdown_grace,
+at most T-20 s (its default here), counted from the signal.
+*/}}
+{{- define "dmdr.shutdownTimeout" -}}
+{{- sub (int .Values.job.terminationGracePeriodSeconds) 10 }}
+{{- end }}
+{{- define "dmdr.maxShutdownGrace" -}}
+{{- sub (int .Values.job.terminationGracePeriodSeconds) 20 }}
+{{- end }}

@@ -1,7 +1,6 @@
 {{/*
 The pod template shared by the Master and Worker replicas. The training operator adds the
-rendezvous environment (PET_*, MASTER_ADDR/PORT, WORLD_SIZE, RANK) to the container named
-"pytorch"; torchrun reads the PET_* variables itself, so the command names none of them.
+rendezvous environment (PET_*, MASTER_ADDR/PORT, WORLD_SIZE, RANK) to every container; torchrun reads the PET_* variables itself, so the command names none of them.
 */}}
 {{- define "dmdr.podTemplate" -}}
 {{- $v := .Values -}}
@@ -60,10 +59,16 @@ spec:
     - name: pytorch
       image: {{ include "dmdr.image" . | quote }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
+      # torchrun, but a SIGTERM-driven stop exits 143 (torchrun alone exits 1, which
+      # restartPolicy ExitCode treats as a permanent failure of the job).
       command:
-        - torchrun
+        - python
+        - -m
+        - dmdr.launch.run
       args:
         - --nproc-per-node={{ include "dmdr.procsPerPod" . }}
+        # SIGKILL for the workers this long after SIGTERM (torchrun's default is 30 s).
+        - --shutdown-timeout={{ include "dmdr.shutdownTimeout" . }}
         - -m
         - dmdr
         - train

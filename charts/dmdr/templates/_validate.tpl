@@ -83,6 +83,12 @@ sentence naming the values involved and the fix. Included once, from pytorchjob.
 {{- fail (printf "training.overrides.%s looks like a credential, and overrides are stored in a plaintext ConfigMap: put it in a Secret and pass it with extraEnv valueFrom.secretKeyRef (or hfToken / storage.s3.credentials)" $key) }}
 {{- end }}
 {{- end }}
+{{- with $v.training.overrides.shutdown_grace }}
+{{- $max := include "dmdr.maxShutdownGrace" $ | int }}
+{{- if gt (. | float64) ($max | float64) }}
+{{- fail (printf "training.overrides.shutdown_grace (%v s) does not fit job.terminationGracePeriodSeconds (%d s): torchrun kills the workers %s s after SIGTERM, so uploads would be cut off; lower shutdown_grace to at most %d or raise terminationGracePeriodSeconds" . (int $v.job.terminationGracePeriodSeconds) (include "dmdr.shutdownTimeout" $) $max) }}
+{{- end }}
+{{- end }}
 {{- include "dmdr.validateListKeys" . }}
 {{- range $v.extraEnv }}
 {{- if and (regexMatch $credential .name) (hasKey . "value") }}

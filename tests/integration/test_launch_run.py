@@ -1,0 +1,65 @@
+"""The rendered container command under SIGTERM (a node drain, a preemption, kubectl delete).
+
+One pod of the chart's command, with the operator's env, runs a probe in place of `dmdr train`
+that needs longer than torchrun's default 30 s to flush after SIGTERM. Within the pod's grace
+period the probe must finish flushing (torchrun gets the grace via --shutdown-timeout), and the
+container must exit 128 + SIGTERM = 143 (torchrun alone exits 1, and restartPolicy ExitCode
+retries only codes >= 128: the eviction would fail the job).
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+import helpers_helm as h
+from helpers_s3 import free_port, wait_for
+
+pytestmark = pytest.mark.slow
+
+GRACE = 45  # terminationGracePeriodSeconds; the probe's flush outlasts torchrun's default 30 s
+FLUSH = 32
+
+PROBE = f"""
+import os, signal, sys, time
+out = sys.argv[sys.argv.index("--probe-out") + 1]
+def stop(signum, frame):
+    time.sleep({FLUSH})  # the save and upload of a large model
+    open(os.path.join(out, "flushed-" + os.environ["RANK"]), "w").close()
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+open(os.path.join(out, "ready-" + os.environ["RANK"]), "w").close()
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_a_sigtermed_pod_flushes_within_its_grace_and_exits_143(tmp_path):
+    values = h.values_file(h.CHART_DIR / "ci" / "cpu-tiny-values.yaml")
+    values["job"].update(replicas=1, terminationGracePeriodSeconds=GRACE)
+    values["elastic"].update(minReplicas=1, maxReplicas=1)
+    values["distributed"]["procsPerPod"] = 1
+    secrets = {"dmdr-s3": {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}}
+    [pod] = h.local_replicas(h.render_objects(values), tmp_path / "pod", secrets, port=free_port())
+    probe, out = tmp_path / "probe.py", tmp_path / "out"
+    probe.write_text(PROBE)
+    out.mkdir()
+    module = pod.argv.index("dmdr") - 1  # "-m dmdr train ..." -> the probe
+    argv = pod.argv[:module] + [str(probe)] + pod.argv[module + 2:] + ["--probe-out", str(out)]
+    proc = subprocess.Popen(argv, env=pod.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: proc.poll() is None and (out / "ready-0").exists(), timeout=120,
+                 interval=0.1, what="the probe under the rendered command")
+        proc.send_signal(signal.SIGTERM)  # the kubelet signals the container's PID 1 only
+        start = time.monotonic()
+        output = proc.communicate(timeout=GRACE + 30)[0].decode(errors="replace")
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (out / "flushed-0").exists(), f"worker SIGKILLed before its flush ({took:.0f}s):\n{output[-3000:]}"
+    assert proc.returncode == 128 + signal.SIGTERM, f"exit {proc.returncode}:\n{output[-3000:]}"
+    assert FLUSH <= took < GRACE, took  # before the kubelet's SIGKILL
