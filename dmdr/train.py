@@ -151,6 +151,10 @@ class Trainer:
             raise UserError(f"uploads to {cfg.s3_uri} did not finish in {FINAL_UPLOAD_TIMEOUT:.0f}s; "
                             f"{self.run_dir} has everything: rerun with --resume-ckpt auto once the store is back")
         self.log.info(f"training done at step {self.global_step}; outputs in {self.run_dir}")
+        # No rank exits 0 before every rank's final upload is in the store: an elastic job is
+        # Succeeded at the first pod that exits 0 and the operator then deletes the others
+        # (torchrun's own exit barrier gives up after 300 s; this one waits as long as the upload).
+        acc.wait_for_everyone()
         acc.end_training()
         return 0
 
