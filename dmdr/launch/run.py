@@ -9,6 +9,7 @@ other outcome is torchrun's own.
 """
 from __future__ import annotations
 
+import signal
 import sys
 
 
@@ -16,6 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun
 
+    def stop(signum: int, frame: object) -> None:
+        raise SignalException(f"got signal {signum}", sigval=signal.Signals(signum))
+
+    # torchrun installs its handlers only when it starts the workers; until then (rendezvous)
+    # a SIGTERM to PID 1 of a container would be ignored until the kubelet's SIGKILL.
+    signal.signal(signal.SIGTERM, stop)
     try:
         torchrun(sys.argv[1:] if argv is None else argv)
     except SignalException as exc:

@@ -105,7 +105,7 @@ class Pod:
         return True
 
 
-def _run_like_the_operator(pods: list[Pod], timeout: float, restarts: int = 4) -> Pod:
+def _run_like_the_operator(pods: list[Pod], timeout: float, restarts: int = 5) -> Pod:
     """Supervise the pods as the training operator does an elastic job with restartPolicy
     OnFailure and cleanPodPolicy Running; returns the pod whose exit 0 ended the job."""
     deadline = time.monotonic() + timeout
