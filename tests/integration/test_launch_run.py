@@ -9,8 +9,10 @@ retries only codes >= 128: the eviction would fail the job).
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -36,13 +38,14 @@ while True:
 """
 
 
-def test_a_sigtermed_pod_flushes_within_its_grace_and_exits_143(tmp_path):
+def _start(tmp_path, max_pods: int, port: int) -> tuple[subprocess.Popen, Path]:
+    """worker-0 of the rendered chart (one process per pod), the probe in place of dmdr train."""
     values = h.values_file(h.CHART_DIR / "ci" / "cpu-tiny-values.yaml")
     values["job"].update(replicas=1, terminationGracePeriodSeconds=GRACE)
-    values["elastic"].update(minReplicas=1, maxReplicas=1)
+    values["elastic"].update(minReplicas=1, maxReplicas=max_pods, rdzvConf={"last_call_timeout": 300})
     values["distributed"]["procsPerPod"] = 1
     secrets = {"dmdr-s3": {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}}
-    [pod] = h.local_replicas(h.render_objects(values), tmp_path / "pod", secrets, port=free_port())
+    [pod] = h.local_replicas(h.render_objects(values), tmp_path / "pod", secrets, port=port)
     probe, out = tmp_path / "probe.py", tmp_path / "out"
     probe.write_text(PROBE)
     out.mkdir()
@@ -50,6 +53,35 @@ def test_a_sigtermed_pod_flushes_within_its_grace_and_exits_143(tmp_path):
     argv = pod.argv[:module] + [str(probe)] + pod.argv[module + 2:] + ["--probe-out", str(out)]
     proc = subprocess.Popen(argv, env=pod.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    return proc, out
+
+
+def test_sigterm_during_the_rendezvous_exits_143(tmp_path):
+    """Before any worker runs (waiting for more pods), torchrun has no signal handler yet."""
+    port = free_port()
+    proc, out = _start(tmp_path, max_pods=2, port=port)
+    try:
+        wait_for(lambda: proc.poll() is None and _listening(port), timeout=120, interval=0.1,
+                 what="the rendezvous store")
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0].decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, f"exit {proc.returncode}:\n{output[-3000:]}"
+    assert not (out / "ready-0").exists()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_a_sigtermed_pod_flushes_within_its_grace_and_exits_143(tmp_path):
+    proc, out = _start(tmp_path, max_pods=1, port=free_port())
     try:
         wait_for(lambda: proc.poll() is None and (out / "ready-0").exists(), timeout=120,
                  interval=0.1, what="the probe under the rendered command")
