@@ -194,6 +194,9 @@ def operator_env(job: dict[str, Any], rtype: str, index: int) -> dict[str, str]:
     PET_NNODES "min:max" in elastic mode (from the elastic generator), else the replica
     count; PET_NPROC_PER_NODE = spec.nprocPerNode in both modes. The operator appends after
     the container's own env, so on a duplicate name its value is the one the process sees.
+    (The copies of envvar.go read for this, commit 5fa872ff and one a little later, predate
+    release-1.9: they still set PYTHONUNBUFFERED=0 and PET_NPROC_PER_NODE with a Master only;
+    the two release-1.9 differences are taken from its changelog as reported in issue 11.)
     """
     spec = job["spec"]
     name = job["metadata"]["name"]
