@@ -345,6 +345,9 @@ class RunStorage:
     def after_save(self, step: int) -> None:
         if self.syncer is not None:
             self.submitted.add(step)
+            # the logs up to this step go first (small files, their own worker): a resume on an
+            # empty disk takes them from the store, so a commit visible before them loses rows
+            self.syncer.sync_logs()
             self.syncer.submit_checkpoint(step)
 
     def uploading(self) -> set[int]:
