@@ -202,7 +202,10 @@ train=(torchrun --nproc-per-node 1 -m dmdr train --preset tiny --max-train-steps
        --clip-reward-model Apple_CLIP-H-14-224.bin --clip-reward-arch /opt/dmdr/weights/tiny-open-clip.json
        --hpsv2-reward-model HPS_v2.1_compressed.pt --hps-reward-arch /opt/dmdr/weights/tiny-open-clip.json
        --reward-clip-weight 0.3 --reward-hps-weight 0.3)
-"${run[@]}" "$image:ci" dmdr train --help | grep -q -- --s3-uri || fail "dmdr train has no --s3-uri"
+# capture first: `| grep -q` closes the pipe at the first match and, with pipefail, the docker
+# client's SIGPIPE would fail the check whenever the option is named early in the help
+train_help=$("${run[@]}" "$image:ci" dmdr train --help) || fail "dmdr train --help in the image"
+grep -q -- --s3-uri <<<"$train_help" || fail "dmdr train has no --s3-uri"
 train+=(--s3-uri s3://e2e-bucket/runs)
 s3_env=(-e AWS_ENDPOINT_URL="$s3_endpoint" -e AWS_ACCESS_KEY_ID=testing
         -e AWS_SECRET_ACCESS_KEY=testing -e AWS_DEFAULT_REGION=us-east-1)
