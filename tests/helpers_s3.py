@@ -40,6 +40,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def listening(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:port (a rendezvous store, say)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
 def aws_env(extra: dict | None = None) -> dict:
     """A process environment with fake credentials and no user AWS config or endpoint."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import psutil
 import pytest
 
 import helpers_helm as h
-from helpers_s3 import (ACCESS_KEY, SECRET_KEY, bucket, free_port, moto, s3_env,  # noqa: F401 (fixtures)
+from helpers_s3 import (ACCESS_KEY, SECRET_KEY, bucket, free_port, listening, moto, s3_env,  # noqa: F401 (fixtures)
                         wait_for)
 
 pytestmark = pytest.mark.slow
@@ -146,14 +145,6 @@ def _last_logged_step(pods: list[Pod]) -> int:
     return max(steps, default=0)
 
 
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
-
-
 def _values(moto, bucket: str) -> dict:
     values = h.values_file(h.CHART_DIR / "ci" / "cpu-tiny-values.yaml")
     assert values["job"]["replicas"] == REPLICAS and values["distributed"]["procsPerPod"] == PROCS
@@ -197,7 +188,7 @@ def test_rendered_pods_train_and_resume_from_s3_after_a_pod_is_killed(tmp_path, 
     try:
         # worker-0 hosts the c10d store (PET_RDZV_ENDPOINT names its pod), so it starts first
         pods[0].start()
-        wait_for(lambda: pods[0].alive() and _listening(port), timeout=120, interval=0.2,
+        wait_for(lambda: pods[0].alive() and listening(port), timeout=120, interval=0.2,
                  what="worker-0's rendezvous store")
         pods[1].start()
         committed = wait_for(lambda: all(p.alive() for p in pods) and _latest(moto, bucket),

@@ -9,7 +9,6 @@ retries only codes >= 128: the eviction would fail the job).
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import helpers_helm as h
-from helpers_s3 import free_port, wait_for
+from helpers_s3 import free_port, listening, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +60,7 @@ def test_sigterm_during_the_rendezvous_exits_143(tmp_path):
     port = free_port()
     proc, out = _start(tmp_path, max_pods=2, port=port)
     try:
-        wait_for(lambda: proc.poll() is None and _listening(port), timeout=120, interval=0.1,
+        wait_for(lambda: proc.poll() is None and listening(port), timeout=120, interval=0.1,
                  what="the rendezvous store")
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=30)[0].decode(errors="replace")
@@ -70,14 +69,6 @@ def test_sigterm_during_the_rendezvous_exits_143(tmp_path):
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, f"exit {proc.returncode}:\n{output[-3000:]}"
     assert not (out / "ready-0").exists()
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 def test_a_sigtermed_pod_flushes_within_its_grace_and_exits_143(tmp_path):
