@@ -345,8 +345,8 @@ class RunStorage:
     def after_save(self, step: int) -> None:
         if self.syncer is not None:
             self.submitted.add(step)
-            # the logs up to this step go first (small files, their own worker): a resume on an
-            # empty disk takes them from the store, so a commit visible before them loses rows
+            # the logs up to this step go first: the syncer publishes the checkpoint only once they
+            # are in the store, since a resume on an empty disk takes both from there
             self.syncer.sync_logs()
             self.syncer.submit_checkpoint(step)
 

@@ -126,6 +126,9 @@ class Syncer:
         self._requests = 0
         self._sigs: dict[str, tuple[int, int]] = {}  # rel path -> (size, mtime_ns) last uploaded
         self._logs_due = False
+        self._logs_asked = 0   # sync_logs() calls so far
+        self._logs_synced = 0  # the last of those whose changed logs are all in the store
+        self._ckpt_logs: dict[int, int] = {}  # step -> sync_logs() calls before it was submitted
         self._files_busy = False
         self._ckpts: deque[Manifest] = deque()
         self._ckpt_busy: int | None = None
@@ -161,9 +164,12 @@ class Syncer:
             self._cond.notify_all()
 
     def sync_logs(self) -> None:
-        """Queue an upload of every log/args file changed since its last upload."""
+        """Queue an upload of every log/args file changed since its last upload. A checkpoint
+        submitted after this call is published (manifest, latest.json) only once these logs are
+        in the store, so a resume that takes both from the store never finds rows missing."""
         with self._cond:
             self._logs_due = True
+            self._logs_asked += 1
             self._cond.notify_all()
 
     def submit_checkpoint(self, step: int) -> None:
@@ -175,10 +181,12 @@ class Syncer:
                 return
             while self._ckpts:
                 old = self._ckpts.popleft()
+                self._ckpt_logs.pop(old.step, None)
                 self.abandoned_checkpoints.append(old.step)
                 log.warning("Checkpoint step %d was not uploaded: step %d replaces it while the store "
                             "is slow or down.", old.step, step)
             self._ckpts.append(manifest)
+            self._ckpt_logs[step] = self._logs_asked
             self._cond.notify_all()
 
     def wait_checkpoint(self, timeout: float | None = None, stop: Callable[[], bool] | None = None) -> bool:
@@ -371,6 +379,7 @@ class Syncer:
                 if self._stopping:
                     return
                 scan_logs, self._logs_due = self._logs_due, False
+                logs_gen = self._logs_asked if scan_logs else None
                 self._files_busy = True
             batch: dict[str, int] = {}
             try:
@@ -381,6 +390,7 @@ class Syncer:
                 with self._cond:
                     batch = dict(self._pending)
                 self._upload_files(batch)
+                self._logs_done(logs_gen)
             except _Aborted:
                 return
             except Exception:  # noqa: BLE001 - a bug must not kill the uploads thread silently
@@ -390,10 +400,26 @@ class Syncer:
                 with self._cond:
                     for rel in batch:
                         self._pending.pop(rel, None)
+                self._logs_done(logs_gen)  # reported above; checkpoints must not wait on it forever
             finally:
                 with self._cond:
                     self._files_busy = False
                     self._cond.notify_all()
+
+    def _logs_done(self, gen: int | None) -> None:
+        if gen is not None:
+            with self._cond:
+                self._logs_synced = max(self._logs_synced, gen)
+                self._cond.notify_all()
+
+    def _await_logs(self, gen: int) -> None:
+        """Block until the logs of sync_logs() call number `gen` are in the store (the files
+        worker retries them while the store is down, as it does the checkpoint)."""
+        with self._cond:
+            while self._logs_synced < gen:
+                if self._abort.is_set() or self._stopping or self.lost is not None:
+                    raise _Aborted()
+                self._cond.wait(1.0)
 
     def _queue_changed_logs(self) -> None:
         changed = []
@@ -483,6 +509,8 @@ class Syncer:
 
     def _upload_checkpoint(self, local: Manifest) -> None:
         step, started = local.step, time.monotonic()
+        with self._cond:
+            logs_gen = self._ckpt_logs.pop(step, 0)
         what = f"uploading checkpoint step {step}"
         manifest_uri = self.remote.join(marker_rel(step))
         self._guard()
@@ -498,6 +526,7 @@ class Syncer:
             return
         if self.num_nodes > 1:
             entries = self._gather_parts(step, local.world_size, entries)
+        self._await_logs(logs_gen)
         manifest = Manifest(step, sorted(entries, key=lambda e: e.path), local.world_size, local.time,
                             self.num_nodes)
         self._guard()  # another job may have taken the run over while the files went up

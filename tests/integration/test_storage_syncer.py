@@ -145,3 +145,25 @@ def test_submit_without_local_marker_is_a_user_error(moto, bucket, tmp_path):
     assert syncer.close() is True  # closing twice is fine
     with pytest.raises(RuntimeError, match="closed"):
         syncer.upload("log.txt")
+
+
+def test_a_checkpoint_is_published_only_after_the_logs_synced_before_it(moto, bucket, tmp_path):
+    """A pod that resumes on an empty disk (worker-0 rescheduled: kubeflow/trainer#1638) takes the
+    loss logs from the store and the checkpoint from its manifest. Logs synced before a checkpoint
+    was submitted must therefore be in the store before that checkpoint's manifest is: otherwise
+    the resumed run misses the rows between the store's log and the checkpoint. A large log and a
+    small checkpoint make the manifest win that race when nothing orders the two."""
+    exp, uri = tmp_path / "exp", f"s3://{bucket}/runs/exp"
+    cfg = StorageConfig(s3_uri=uri, endpoint_url=moto.endpoint, part_size_mb=5)
+    log = exp / "loss_logs" / "loss_gen_log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_bytes(b'{"step": 1}\n' * (3 * MiB))  # 36 MiB of rows, written before the save
+    make_checkpoint(exp, 1)
+    with Syncer(exp, uri, cfg, sync_interval=0) as syncer:
+        syncer.sync_logs()
+        syncer.submit_checkpoint(1)
+        assert syncer.wait_checkpoint(timeout=120)
+        listed = moto.client().list_objects_v2(Bucket=bucket, Prefix="runs/exp/loss_logs/").get("Contents", [])
+        sizes = {o["Key"]: o["Size"] for o in listed}
+    assert sizes.get("runs/exp/loss_logs/loss_gen_log.jsonl") == log.stat().st_size, \
+        "checkpoint step 1 was published before the logs synced ahead of it were in the store"
