@@ -9,7 +9,7 @@ from dmdr.storage.client import (StorageConfig, effective_checksum_mode, effecti
                                  translate_error)
 from dmdr.storage.layout import Manifest, in_group, manifest_step, marker_rel, read_local_marker, step_of
 from dmdr.storage.remote import StepObjects, split_step
-from dmdr.storage.syncer import retention_victims
+from dmdr.storage.commit import retention_victims
 from dmdr.storage.uri import S3Uri, is_s3_uri
 
 
