@@ -284,8 +284,8 @@ def test_the_grace_period_reaches_torchrun_and_the_trainer():
 
 
 def test_fixed_size_is_one_master_plus_workers():
-    job = h.the(h.render_objects({"elastic": {"enabled": False}, "job": {"replicas": 3}}),
-                "PyTorchJob")
+    job = h.the(h.render_objects({"elastic": {"enabled": False}, "job": {"replicas": 3},
+                                  "storage": {"s3": S3}}), "PyTorchJob")
     specs = job["spec"]["pytorchReplicaSpecs"]
     assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 2
     assert "elasticPolicy" not in job["spec"]

@@ -129,8 +129,84 @@ finishes its step, saves (checkpoint_on_sigterm) and flushes uploads within shut
 at most T-20 s (its default here), counted from the signal.
 */}}
 {{- define "dmdr.shutdownTimeout" -}}
-{{- sub (int .Values.job.terminationGracePeriodSeconds) 10 }}
+{{- default (sub (int .Values.job.terminationGracePeriodSeconds) 10) .Values.torchrun.shutdownTimeout }}
 {{- end }}
 {{- define "dmdr.maxShutdownGrace" -}}
-{{- sub (int .Values.job.terminationGracePeriodSeconds) 20 }}
+{{- sub (include "dmdr.shutdownTimeout" . | int) 10 }}
+{{- end }}
+
+{{/* "true" when the pods talk to S3: the run's store, or an s3:// training.initCkpt. */}}
+{{- define "dmdr.usesS3" -}}
+{{- if or .Values.storage.s3.uri (hasPrefix "s3://" .Values.training.initCkpt) }}true{{ end }}
+{{- end }}
+
+{{/* Pod schedulerName: gangScheduling.schedulerName while gang scheduling is on, else schedulerName. */}}
+{{- define "dmdr.schedulerName" -}}
+{{- if and .Values.gangScheduling.enabled .Values.gangScheduling.schedulerName }}
+{{- .Values.gangScheduling.schedulerName }}
+{{- else }}
+{{- .Values.schedulerName }}
+{{- end }}
+{{- end }}
+
+{{/* Labels and annotations of the job object (any launcher): job.labels under the chart's
+     own labels (which win on a clash) and Kueue's. */}}
+{{- define "dmdr.jobLabels" -}}
+{{- $own := include "dmdr.labels" . | fromYaml }}
+{{- include "dmdr.labels" . }}
+{{- with .Values.kueue.queueName }}
+{{- $_ := set $own "kueue.x-k8s.io/queue-name" . }}
+kueue.x-k8s.io/queue-name: {{ . }}
+{{- end }}
+{{- with .Values.kueue.priorityClass }}
+{{- $_ := set $own "kueue.x-k8s.io/priority-class" . }}
+kueue.x-k8s.io/priority-class: {{ . }}
+{{- end }}
+{{- range $key, $value := .Values.job.labels }}
+{{- if not (hasKey $own $key) }}
+{{ $key }}: {{ $value | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- define "dmdr.jobAnnotations" -}}
+{{- with .Values.job.annotations }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+A Kubernetes quantity ("64Gi", "1.5G", "500M", "1e9", 2147483648) in bytes, as a float64
+printed with %f: binary (Ki..Ei) and decimal (k..E, m) suffixes and exponents.
+*/}}
+{{- define "dmdr.bytes" -}}
+{{- $q := toString . }}
+{{- $units := dict "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "m" 1e-3 }}
+{{- $suffix := regexFind "([KMGTPE]i|[kMGTPEm])$" $q }}
+{{- $number := trimSuffix $suffix $q }}
+{{- $scale := 1.0 }}
+{{- with $suffix }}{{ $scale = get $units . }}{{ end }}
+{{- if regexMatch "[eE]" $number }}
+{{- $parts := regexSplit "[eE]" $number 2 }}
+{{- $number = index $parts 0 }}
+{{- range until (index $parts 1 | int) }}{{ $scale = mulf $scale 10 }}{{ end }}
+{{- end }}
+{{- printf "%f" (mulf (float64 $number) $scale) }}
+{{- end }}
+
+{{/* A container that cannot gain privileges, on a read-only root; (dict "add" LIST) adds
+     capabilities (e.g. IPC_LOCK for RDMA) to an otherwise empty set. */}}
+{{- define "dmdr.containerSecurityContext" -}}
+runAsNonRoot: true
+allowPrivilegeEscalation: false
+privileged: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop:
+    - ALL
+  {{- with .add }}
+  add:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+seccompProfile:
+  type: RuntimeDefault
 {{- end }}

@@ -28,8 +28,16 @@ spec:
   {{- with $v.priorityClassName }}
   priorityClassName: {{ . | quote }}
   {{- end }}
-  {{- if and $v.gangScheduling.enabled $v.gangScheduling.schedulerName }}
-  schedulerName: {{ $v.gangScheduling.schedulerName | quote }}
+  {{- with include "dmdr.schedulerName" . }}
+  schedulerName: {{ . | quote }}
+  {{- end }}
+  {{- with $v.runtimeClassName }}
+  runtimeClassName: {{ . | quote }}
+  {{- end }}
+  {{- if $v.hostNetwork }}
+  hostNetwork: true
+  # Pod and Service names still resolve through the cluster DNS.
+  dnsPolicy: ClusterFirstWithHostNet
   {{- end }}
   {{- with $v.nodeSelector }}
   nodeSelector:
@@ -51,10 +59,20 @@ spec:
     runAsNonRoot: true
     runAsUser: {{ $v.podSecurity.runAsUser }}
     runAsGroup: {{ $v.podSecurity.runAsGroup }}
+    {{- if not (kindIs "invalid" $v.podSecurity.fsGroup) }}
     fsGroup: {{ $v.podSecurity.fsGroup }}
-    fsGroupChangePolicy: OnRootMismatch
+    fsGroupChangePolicy: {{ $v.podSecurity.fsGroupChangePolicy }}
+    {{- end }}
+    {{- with $v.podSecurity.supplementalGroups }}
+    supplementalGroups:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
     seccompProfile:
       type: RuntimeDefault
+  {{- with $v.initContainers }}
+  initContainers:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   containers:
     - name: pytorch
       image: {{ include "dmdr.image" . | quote }}
@@ -69,6 +87,20 @@ spec:
         - --nproc-per-node={{ include "dmdr.procsPerPod" . }}
         # SIGKILL for the workers this long after SIGTERM (torchrun's default is 30 s).
         - --shutdown-timeout={{ include "dmdr.shutdownTimeout" . }}
+        {{- with $v.torchrun }}
+        {{- with .logDir }}
+        - --log-dir={{ . }}
+        {{- end }}
+        {{- with .tee }}
+        - --tee={{ . }}
+        {{- end }}
+        {{- with .redirects }}
+        - --redirects={{ . }}
+        {{- end }}
+        {{- with .localRanksFilter }}
+        - --local-ranks-filter={{ . }}
+        {{- end }}
+        {{- end }}
         - -m
         - dmdr
         - train
@@ -84,6 +116,10 @@ spec:
         - name: pytorchjob-port
           containerPort: {{ $v.distributed.port }}
           protocol: TCP
+      {{- with $v.envFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       env:
         {{- include "dmdr.env" . | nindent 8 }}
       resources:
@@ -101,15 +137,7 @@ spec:
           {{- end }}
         {{- end }}
       securityContext:
-        runAsNonRoot: true
-        allowPrivilegeEscalation: false
-        privileged: false
-        readOnlyRootFilesystem: true
-        capabilities:
-          drop:
-            - ALL
-        seccompProfile:
-          type: RuntimeDefault
+        {{- include "dmdr.containerSecurityContext" (dict "add" $v.podSecurity.addCapabilities) | nindent 8 }}
       volumeMounts:
         - name: config
           mountPath: /etc/dmdr
@@ -122,11 +150,20 @@ spec:
           mountPath: /home/dmdr
         - name: cache
           mountPath: /home/dmdr/.cache
+          {{- with $v.storage.cache.subPath }}
+          subPath: {{ . | quote }}
+          {{- end }}
         - name: outputs
           mountPath: /workspace/outputs
+          {{- with $v.storage.outputs.subPath }}
+          subPath: {{ . | quote }}
+          {{- end }}
         {{- with $v.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+    {{- with $v.extraContainers }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   volumes:
     - name: config
       configMap:
@@ -204,6 +241,9 @@ spec:
   value: {{ printf "%s-%d" $.Release.Name $.Release.Revision | quote }}
 - name: DMDR_S3_URI
   value: {{ .uri | quote }}
+{{- end }}
+{{- /* The connection also serves an s3:// training.initCkpt without a store of the run's own. */}}
+{{- if include "dmdr.usesS3" $ }}
 - name: DMDR_S3_PATH_STYLE
   value: {{ .pathStyle | toString | quote }}
 {{- with .endpointUrl }}

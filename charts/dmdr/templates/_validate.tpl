@@ -10,6 +10,9 @@ sentence naming the values involved and the fix. Included once, from pytorchjob.
 {{- if not $v.image.repository }}
 {{- fail "image.repository is empty: set it to the image built by `make build-and-push`, e.g. --set image.repository=registry.example.com/dmdr" }}
 {{- end }}
+{{- if regexMatch "(:[^/]*|@.*)$" $v.image.repository }}
+{{- fail (printf "image.repository %q already carries a tag or digest, so the image would be %q: set image.repository without it and the tag in image.tag (or image.digest)" $v.image.repository (include "dmdr.image" .)) }}
+{{- end }}
 
 {{- $job := include "dmdr.jobName" . }}
 {{- if not (regexMatch "^[a-z]" $job) }}
@@ -40,7 +43,7 @@ sentence naming the values involved and the fix. Included once, from pytorchjob.
 {{- end }}
 
 {{- $s3 := $v.storage.s3 }}
-{{- if $s3.uri }}
+{{- if include "dmdr.usesS3" . }}
 {{- if and (eq $s3.credentials.source "secret") (not $s3.credentials.existingSecret) }}
 {{- fail "storage.s3.credentials.existingSecret is empty: create a Secret with the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (see k8s/s3-secret.example.yaml) and name it here, or set storage.s3.credentials.source=serviceAccount to use IRSA / workload identity" }}
 {{- end }}
@@ -49,6 +52,40 @@ sentence naming the values involved and the fix. Included once, from pytorchjob.
 {{- end }}
 {{- else if or $s3.endpointUrl $s3.credentials.existingSecret }}
 {{- fail "storage.s3.endpointUrl or storage.s3.credentials.existingSecret is set but storage.s3.uri is empty: set storage.s3.uri=s3://bucket/prefix" }}
+{{- end }}
+
+{{- $t := int $v.job.terminationGracePeriodSeconds }}
+{{- with $v.torchrun.shutdownTimeout }}
+{{- if gt (int .) (sub $t 10) }}
+{{- fail (printf "torchrun.shutdownTimeout (%d s) does not fit job.terminationGracePeriodSeconds (%d s): the kubelet would SIGKILL torchrun before it stops its workers; set it to at most %d or raise terminationGracePeriodSeconds" (int .) $t (sub $t 10)) }}
+{{- end }}
+{{- if lt (int .) 20 }}
+{{- fail (printf "torchrun.shutdownTimeout (%d s) leaves the trainer less than 10 s to save and upload on SIGTERM: set it to at least 20, or null for job.terminationGracePeriodSeconds minus 10" (int .)) }}
+{{- end }}
+{{- end }}
+{{- with $v.torchrun.logDir }}
+{{- $dir := . }}
+{{- $writable := list "/tmp" "/home/dmdr" "/workspace/outputs" }}
+{{- range $v.extraVolumeMounts }}
+{{- if not .readOnly }}{{ $writable = append $writable .mountPath }}{{ end }}
+{{- end }}
+{{- $ok := false }}
+{{- range $writable }}
+{{- if or (eq $dir .) (hasPrefix (printf "%s/" (trimSuffix "/" .)) $dir) }}{{ $ok = true }}{{ end }}
+{{- end }}
+{{- if not $ok }}
+{{- fail (printf "torchrun.logDir %s is on the container's read-only root filesystem: put it under /workspace/outputs (kept with the run), /tmp, /home/dmdr or a writable extraVolumeMounts path" $dir) }}
+{{- end }}
+{{- end }}
+
+{{- if and $v.gangScheduling.enabled $v.gangScheduling.schedulerName $v.schedulerName (ne $v.gangScheduling.schedulerName $v.schedulerName) }}
+{{- fail (printf "schedulerName (%s) and gangScheduling.schedulerName (%s) differ: the pods have one scheduler; set only gangScheduling.schedulerName for gang scheduling" $v.schedulerName $v.gangScheduling.schedulerName) }}
+{{- end }}
+
+{{- with $v.resources.limits.memory }}
+{{- if gt (include "dmdr.bytes" $v.shm.sizeLimit | float64) (include "dmdr.bytes" . | float64) }}
+{{- fail (printf "shm.sizeLimit (%v) is above resources.limits.memory (%v): /dev/shm pages count against the memory limit, so the pod would be OOM-killed before /dev/shm is full; lower shm.sizeLimit or raise resources.limits.memory" $v.shm.sizeLimit .) }}
+{{- end }}
 {{- end }}
 
 {{- if and (eq $v.job.restartPolicy "ExitCode") (not (include "dmdr.durableOutputs" .)) }}
@@ -72,8 +109,11 @@ sentence naming the values involved and the fix. Included once, from pytorchjob.
 {{- if and $create.enabled (eq $create.accessMode "ReadWriteOnce") (gt $maxPods 1) }}
 {{- fail (printf "storage.cache.create.accessMode=ReadWriteOnce cannot be mounted by %d pods on different nodes: use ReadWriteMany, or drop the PVC (an emptyDir per pod)" $maxPods) }}
 {{- end }}
+{{- if and (gt $maxPods 1) (not (include "dmdr.durableOutputs" .)) }}
+{{- fail (printf "the job may run %d pods, each resuming (--resume-ckpt auto) from checkpoints in its own emptyDir, so restarted pods would resume from different steps or none: set storage.s3.uri, or storage.outputs.existingClaim to a ReadWriteMany PVC shared by all pods" $maxPods) }}
+{{- end }}
 
-{{- $reserved := dict "output_dir" "it is fixed to the mounted volume /workspace/outputs (size it with storage.outputs)" "exp_name" "use training.expName" "cache_dir" "the cache is the volume at /home/dmdr/.cache (see storage.cache)" "s3_uri" "use storage.s3.uri" "s3_endpoint_url" "use storage.s3.endpointUrl" "resume_ckpt" "the chart always resumes with --resume-ckpt auto" "preset" "use training.preset" }}
+{{- $reserved := dict "output_dir" "it is fixed to the mounted volume /workspace/outputs (size it with storage.outputs)" "exp_name" "use training.expName" "cache_dir" "the cache is the volume at /home/dmdr/.cache (see storage.cache)" "s3_uri" "use storage.s3.uri" "s3_endpoint_url" "use storage.s3.endpointUrl" "resume_ckpt" "the chart always resumes with --resume-ckpt auto" "init_ckpt" "use training.initCkpt" "preset" "use training.preset" }}
 {{- $credential := include "dmdr.credentialPattern" . }}
 {{- range $key, $_ := $v.training.overrides }}
 {{- if hasKey $reserved $key }}
@@ -132,5 +172,13 @@ rendered. Names the training operator injects are refused too: its value would w
 {{- fail (printf "two volumes named %s (the chart's are config, dshm, tmp, home, cache, outputs): rename the extraVolumes entry (and its extraVolumeMounts name)" .name) }}
 {{- end }}
 {{- $_ := set $names .name true }}
+{{- end }}
+{{- range concat $pod.spec.containers ($pod.spec.initContainers | default list) }}
+{{- $container := .name }}
+{{- range .volumeMounts }}
+{{- if not (hasKey $names .name) }}
+{{- fail (printf "container %s mounts a volume named %s at %s, but the pod has no such volume (the chart's are config, dshm, tmp, home, cache, outputs): add it to extraVolumes or fix the name" $container .name .mountPath) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
