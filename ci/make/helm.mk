@@ -3,6 +3,7 @@
 #   make helm-lint [VALUES=...]
 #   make helm-install RELEASE=my-run VALUES=my-values.yaml [NAMESPACE=ml]
 #   make k8s-examples        regenerate k8s/rendered/ after changing the chart or k8s/values/
+#   make chart-readme        regenerate the values table of charts/dmdr/README.md
 # The helm CLI is used where it is installed; otherwise ci/render_chart.py drives Helm's own
 # Go engine through the helm-python-sdk wheel in the virtualenv.
 
@@ -15,7 +16,7 @@ VALUES ?=
 
 helm_values_flags = $(foreach f,$(VALUES),-f $(f))
 
-.PHONY: helm-template helm-lint helm-install k8s-examples
+.PHONY: helm-template helm-lint helm-install k8s-examples chart-readme
 
 helm-template: ## render the chart (VALUES=..., RELEASE=..., NAMESPACE=...)
 ifneq ($(HELM),)
@@ -43,3 +44,6 @@ endif
 
 k8s-examples: ## regenerate k8s/rendered/ from k8s/values/
 	$(HELM_PYTHON) ci/render_chart.py examples
+
+chart-readme: ## regenerate the values table of charts/dmdr/README.md from values.yaml
+	$(HELM_PYTHON) ci/chart_readme.py

@@ -61,6 +61,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                                description="List runs under s3://BUCKET/PREFIX, or the checkpoints "
                                            "(step, size, complete or not) of s3://BUCKET/PREFIX/EXP.")
     ls.add_argument("uri", help="s3://bucket/prefix or s3://bucket/prefix/exp")
+    ls.add_argument("--check-write", action="store_true",
+                    help="first write and delete a small probe object under the prefix, as a training "
+                         "run does at start: a read-only or wrong credential fails here (`helm test`)")
     add_s3_options(ls)
     pull = subparsers.add_parser("pull", help="download a checkpoint of a run, verified",
                                  description="Download one checkpoint of s3://BUCKET/PREFIX/EXP into "
@@ -78,6 +81,11 @@ def run_ls(args: argparse.Namespace) -> int:
     from dmdr.storage.remote import list_checkpoints, list_runs
 
     cfg = config_from_args(args, args.uri)
+    if args.check_write:
+        from dmdr.storage.client import preflight
+
+        preflight(cfg, check_write=True, timeout=args.s3_timeout)
+        print(f"{args.uri}: reachable, credentials accepted, writable")
     checkpoints = list_checkpoints(args.uri, cfg)
     if checkpoints:
         print(f"{args.uri}")
