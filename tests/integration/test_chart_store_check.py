@@ -51,6 +51,8 @@ def test_store_check_is_a_valid_test_hook_with_the_jobs_identity():
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["command"][:5] == ["python", "-m", "dmdr", "ls", "--check-write"]
     assert not [o for o in h.render_objects({}) if o["kind"] == "Pod"]  # no store: no test
+    notes = h.render(values, release="run7", namespace="team")[h.render_chart.NOTES]
+    assert "helm test run7 -n team" in notes
 
 
 @pytest.mark.slow
