@@ -188,7 +188,9 @@ printed with %f: binary (Ki..Ei) and decimal (k..E, m) suffixes and exponents.
 {{- if regexMatch "[eE]" $number }}
 {{- $parts := regexSplit "[eE]" $number 2 }}
 {{- $number = index $parts 0 }}
-{{- range until (index $parts 1 | int) }}{{ $scale = mulf $scale 10 }}{{ end }}
+{{- /* "+09" as Helm prints 1e9: no sign, no leading zeros (they would read as octal) */}}
+{{- $exp := regexReplaceAll "^\\+?0*" (index $parts 1) "" }}
+{{- range until ($exp | default "0" | int) }}{{ $scale = mulf $scale 10 }}{{ end }}
 {{- end }}
 {{- printf "%f" (mulf (float64 $number) $scale) }}
 {{- end }}
