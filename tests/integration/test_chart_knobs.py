@@ -4,6 +4,9 @@ training.initCkpt), each rendered by Helm's engine and validated against the Pod
 the PyTorchJob CRD; and the values that only failed at runtime, now refused at render time."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -199,3 +202,21 @@ def test_runtime_failures_are_refused_at_render_time(values, expected):
 ])
 def test_what_works_is_not_refused(values):
     _valid(_job(values))
+
+
+@pytest.mark.slow
+def test_tee_and_log_dir_reach_the_worker_logs(tmp_path):
+    """The rendered launcher words, run here: torchrun copies each worker's output into
+    files under torchrun.logDir and still shows local rank 0 on the console."""
+    values = {"resources": {"gpusPerPod": 0}, "distributed": {"backend": "gloo", "procsPerPod": 2},
+              "torchrun": {"logDir": "/workspace/outputs/torchrun", "tee": "3", "localRanksFilter": "0"}}
+    args = _trainer(h.replica_templates(_job(values))["Worker"])["args"]
+    launcher = [a.replace("/workspace/outputs", str(tmp_path)) for a in args[:args.index("-m")]]
+    script = tmp_path / "worker.py"
+    script.write_text("import os\nprint('hello from local rank', os.environ['LOCAL_RANK'], flush=True)\n")
+    proc = subprocess.run([sys.executable, "-m", "dmdr.launch.run", "--standalone", *launcher, str(script)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "hello from local rank 0" in proc.stdout and "local rank 1" not in proc.stdout
+    logs = {p.read_text().strip() for p in (tmp_path / "torchrun").rglob("stdout.log")}
+    assert logs == {"hello from local rank 0", "hello from local rank 1"}, logs
