@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
+from dmdr import tracking
 from dmdr.config import TrainConfig
 from dmdr.errors import UserError
 from dmdr.logs import get_logger
@@ -34,8 +35,9 @@ def make_accelerators(cfg: TrainConfig) -> tuple[Accelerator, Accelerator]:
         "step_scheduler_with_optimizer": False,
         "project_config": ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "tensorboard")),
     }
-    if cfg.report_to != "none":
-        kwargs["log_with"] = cfg.report_to
+    trackers = tracking.parse(cfg.report_to)
+    if trackers:
+        kwargs["log_with"] = trackers
     acc_gen = Accelerator(**kwargs)
     kwargs.pop("log_with", None)
     acc_gui = Accelerator(**kwargs)

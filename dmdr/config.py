@@ -167,7 +167,12 @@ class TrainConfig:
     shutdown_grace: float = _f(
         25.0, "Seconds to flush pending uploads on SIGTERM (torchrun kills workers 30 s after it).", min=0.0
     )
-    report_to: str = _f("none", "Experiment tracker.", choices=("none", "tensorboard"))
+    report_to: str = _f(
+        "none", "Experiment trackers: none, tensorboard, wandb, mlflow, a comma list of them, or all (every one "
+        "installed). They get the options, every loss-log scalar and the sample grids."
+    )
+    tracker_project: str = _f("dmdr", "W&B project, MLflow experiment and TensorBoard sub-folder of --report-to.")
+    tracker_run_name: str | None = _f(None, "Run name in the trackers; default: --exp-name.")
 
     # ------------------------------------------------------------------------------------
     @property
@@ -367,6 +372,9 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) is not None and not getattr(cfg, name).strip():
             raise UserError(f"--{name.replace('_', '-')}: the value is empty; give a checkpoint path"
                             + (", 'latest' or 'auto'" if name == "resume_ckpt" else "") + " (or leave the flag out)")
+    from dmdr import tracking
+
+    tracking.parse(cfg.report_to)  # an unknown or uninstalled tracker fails now
     if cfg.lease_renew >= cfg.lease_ttl:
         raise UserError(f"--lease-renew: {cfg.lease_renew} must be below --lease-ttl {cfg.lease_ttl}, or the lease "
                         "expires between renewals")

@@ -22,6 +22,7 @@ from dmdr.models import sdxl
 from dmdr.errors import UserError
 from dmdr.rewards import RewardSet, RewardSpec, check_reward_file
 from dmdr.run_storage import RunStorage
+from dmdr.tracking import Tracking
 
 # Pod eviction and Ctrl-C both stop cleanly with 128 + the signal: 143 after SIGTERM is retryable
 # for the training operator, unlike 0 (job done).
@@ -45,6 +46,7 @@ class Trainer:
         if acc.is_main_process:
             save_args(cfg, self.run_dir / "args.json")
         self.log.info(f"run directory: {self.run_dir}")
+        self.tracking = Tracking(acc, cfg, synced_to=self.storage.remote if self.storage.enabled else None)
 
         # Rewards: check the files now, load them only when the reward phase starts.
         specs = []
@@ -94,8 +96,6 @@ class Trainer:
         self.stop_time: float | None = None  # when this rank got it (time.monotonic)
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_sigterm)
-        if cfg.report_to != "none":
-            self.acc.init_trackers("dmdr", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
     def prepare_models(self, generator: torch.nn.Module, guidance: torch.nn.Module) -> None:
         """Optimisers, LR schedulers and the accelerators' wrapping of both models."""
@@ -189,6 +189,7 @@ class Trainer:
             self.save()
         # the grace counts from the signal: the step and the save before this took part of it
         grace = max(1.0, cfg.shutdown_grace - (time.monotonic() - self.stop_time if self.stop_time else 0.0))
+        self.tracking.finish()
         flushed = self.storage.close(timeout=grace)
         if self.storage.enabled:
             self.log.warning(f"{name}: pending uploads " + ("flushed" if flushed else
@@ -324,7 +325,9 @@ class Trainer:
         row = self._reduce(logs)
         self.last_loss_gui = row.get("loss_gui")  # shown in the next progress line
         if self.acc.is_main_process:
-            self.gui_log.append({"step": self.global_step, "inner_step": self.inner_step, **row, "time": time.time()})
+            full = {"step": self.global_step, "inner_step": self.inner_step, **row, "time": time.time()}
+            self.gui_log.append(full)
+            self.tracking.log_row("gui", full, "inner_step")
 
     def write_gen_log(self, logs: dict[str, Any], progress: Progress) -> None:
         row = self._reduce(logs)
@@ -342,7 +345,7 @@ class Trainer:
             self.log.info(Progress.line(self.global_step, self.cfg.max_train_steps, rates, shown, lr=full["lr_gen"],
                                         peak_mem_gib=peak_gpu_memory_gib(self.device)))
         self.gen_log.append(full)
-        self.acc.log(row, step=self.global_step)
+        self.tracking.log_row("gen", full, "step")
 
     def _sample_prompts(self) -> list[str]:
         cfg = self.cfg
@@ -371,6 +374,7 @@ class Trainer:
             paths = inference.save_sample_grid(images, all_prompts, self.run_dir / "samples", self.global_step, cfg.seed)
             for path in paths:
                 self.storage.file_written(path)
+            self.tracking.log_samples(images, all_prompts, paths, self.global_step)
             self.log.info(f"samples: {paths[0]} (prompts: {paths[1].name})")
         return scores
 

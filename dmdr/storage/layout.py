@@ -2,7 +2,7 @@
 
 Local and remote trees are the same below the experiment directory::
 
-    args.json, log.txt, loss_logs/*.jsonl, samples/*.png
+    args.json, log.txt, loss_logs/*.jsonl, samples/*.png, tensorboard/**
     checkpoints/{accelerator_1,accelerator_2,lora_gen,lora_gui}/step-N/...
     checkpoints/torch_units/step-N.pt
     checkpoints/step-N.complete.json     local marker / remote manifest (written last)
@@ -23,7 +23,8 @@ from dmdr.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 LATEST_REL = f"{CHECKPOINTS}/latest.json"
-LOG_PATTERNS = ("args.json", "log.txt", "loss_logs/*.jsonl")
+# tensorboard/: the event files of --report-to tensorboard (new files per attempt, appended to)
+LOG_PATTERNS = ("args.json", "log.txt", "loss_logs/*.jsonl", "tensorboard/**/*")
 _STEP_RE = re.compile(r"(?:^|/)step-(\d+)(?=[./]|$)")
 _MANIFEST_RE = re.compile(rf"^{CHECKPOINTS}/step-(\d+)\.complete\.json$")
 
