@@ -277,6 +277,32 @@ spec:
       name: {{ . }}
       key: {{ $v.hfToken.key | quote }}
 {{- end }}
+{{- with $v.tracking.wandb }}
+{{- if .apiKeySecret }}
+- name: WANDB_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .apiKeySecret }}
+      key: {{ .apiKeyKey | quote }}
+{{- end }}
+{{- with .baseUrl }}
+- name: WANDB_BASE_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- with $v.tracking.mlflow }}
+{{- with .trackingUri }}
+- name: MLFLOW_TRACKING_URI
+  value: {{ . | quote }}
+{{- end }}
+{{- if .tokenSecret }}
+- name: MLFLOW_TRACKING_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .tokenSecret }}
+      key: {{ .tokenKey | quote }}
+{{- end }}
+{{- end }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
 {{- end }}

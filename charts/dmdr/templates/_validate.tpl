@@ -129,6 +129,23 @@ sentence naming the values involved and the fix. Included once, from pytorchjob.
 {{- fail (printf "training.overrides.shutdown_grace (%v s) does not fit job.terminationGracePeriodSeconds (%d s): torchrun kills the workers %s s after SIGTERM, so uploads would be cut off; lower shutdown_grace to at most %d or raise terminationGracePeriodSeconds" . (int $v.job.terminationGracePeriodSeconds) (include "dmdr.shutdownTimeout" $) $max) }}
 {{- end }}
 {{- end }}
+{{- range $key, $value := dict "report_to" "tracking.tracker" "tracker_project" "tracking.project" "tracker_run_name" "tracking.runName" }}
+{{- if hasKey $v.training.overrides $key }}
+{{- fail (printf "training.overrides.%s is set by the chart: use %s" $key $value) }}
+{{- end }}
+{{- end }}
+{{- range $key, $url := dict "tracking.wandb.baseUrl" $v.tracking.wandb.baseUrl "tracking.mlflow.trackingUri" $v.tracking.mlflow.trackingUri }}
+{{- if regexMatch "^[a-z]+://[^/]*@" $url }}
+{{- fail (printf "%s carries credentials (user:password@), which would be stored in plaintext: drop them and pass the key with tracking.wandb.apiKeySecret / tracking.mlflow.tokenSecret" $key) }}
+{{- end }}
+{{- end }}
+{{- if and (has "wandb" (splitList "," $v.tracking.tracker)) (not $v.tracking.wandb.apiKeySecret) }}
+{{- $wandbEnv := list }}
+{{- range $v.extraEnv }}{{ $wandbEnv = append $wandbEnv .name }}{{ end }}
+{{- if not (or (has "WANDB_API_KEY" $wandbEnv) (has "WANDB_MODE" $wandbEnv)) }}
+{{- fail "tracking.tracker names wandb but tracking.wandb.apiKeySecret is empty: create a Secret with the W&B API key and name it there (or set WANDB_MODE=offline in extraEnv)" }}
+{{- end }}
+{{- end }}
 {{- include "dmdr.validateListKeys" . }}
 {{- range $v.extraEnv }}
 {{- if and (regexMatch $credential .name) (hasKey . "value") }}
