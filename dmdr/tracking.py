@@ -66,6 +66,7 @@ class Tracking:
         from dmdr.logs import get_logger
 
         self.acc = acc
+        self.failed: set[str] = set()  # trackers that failed to log once (warned about)
         self.names = parse(cfg.report_to) if acc.is_main_process else []
         if not self.names:
             return
@@ -130,11 +131,14 @@ class Tracking:
         step = int(row[axis])
         values = {f"{prefix}/{k}": float(v) for k, v in row.items()
                   if k not in _NOT_SCALARS and isinstance(v, (int, float))}
-        for tracker in self.acc.trackers:
+
+        def log(tracker) -> None:
             if tracker.name == "wandb":  # one W&B step counter: the axis is a logged metric
                 tracker.log({**values, axis: step})
             else:
                 tracker.log(values, step=step)
+
+        self._each(f"{prefix} scalars", log)
 
     def log_samples(self, images, prompts: list[str], files: list[Path], step: int) -> None:
         """A sample grid: ``images`` (N, 3, H, W) in [0, 1], their prompts, and the grid's files
@@ -142,32 +146,53 @@ class Tracking:
         if not self.names:
             return
         images = images.detach().float().clamp(0, 1).cpu()
+        self._each("samples", lambda tracker: _log_samples(tracker, images, prompts, files, step))
+
+    def _each(self, what: str, log) -> None:
+        """`log(tracker)` for every tracker. A tracker that fails (its server away, its disk full)
+        does not stop training: one warning per tracker, and the next rows are tried again."""
         for tracker in self.acc.trackers:
-            if tracker.name == "tensorboard":
-                from torchvision.utils import make_grid
+            try:
+                log(tracker)
+            except Exception as exc:  # noqa: BLE001 - any tracker error: the run's own logs have it all
+                if tracker.name in self.failed:
+                    continue
+                self.failed.add(tracker.name)
+                from dmdr.logs import get_logger
+                from dmdr.redact import redact
 
-                from dmdr.inference import grid_shape
-
-                writer = tracker.writer
-                writer.add_image("samples", make_grid(images, nrow=grid_shape(len(images))[1]), step)
-                writer.add_text("samples/prompts", "\n".join(f"{i}. {p}" for i, p in enumerate(prompts, 1)), step)
-                writer.flush()
-            elif tracker.name == "wandb":
-                import wandb
-
-                tiles = [wandb.Image(img.permute(1, 2, 0).numpy(), caption=p) for img, p in zip(images, prompts)]
-                tracker.log({"samples": tiles, "step": step})
-            elif tracker.name == "mlflow":
-                import mlflow
-
-                for path in files:
-                    mlflow.log_artifact(str(path), artifact_path="samples")
+                first = (redact(str(exc)).strip().splitlines() or [""])[0]
+                get_logger().warning(f"WARNING: {tracker.name}: logging {what} failed ({type(exc).__name__}: {first}); "
+                                     f"training goes on and loss_logs/ and samples/ keep every value; later "
+                                     f"failures of {tracker.name} are not reported")
 
     def finish(self) -> None:
         """Close every tracker (a stop before the end of training: the trackers keep what was logged)."""
         for tracker in self.acc.trackers if self.names else []:
             tracker.finish()
         self.names = []
+
+
+def _log_samples(tracker, images, prompts: list[str], files: list[Path], step: int) -> None:
+    if tracker.name == "tensorboard":
+        from torchvision.utils import make_grid
+
+        from dmdr.inference import grid_shape
+
+        writer = tracker.writer
+        writer.add_image("samples", make_grid(images, nrow=grid_shape(len(images))[1]), step)
+        writer.add_text("samples/prompts", "\n".join(f"{i}. {p}" for i, p in enumerate(prompts, 1)), step)
+        writer.flush()
+    elif tracker.name == "wandb":
+        import wandb
+
+        tiles = [wandb.Image(img.permute(1, 2, 0).numpy(), caption=p) for img, p in zip(images, prompts)]
+        tracker.log({"samples": tiles, "step": step})
+    elif tracker.name == "mlflow":
+        import mlflow
+
+        for path in files:
+            mlflow.log_artifact(str(path), artifact_path="samples")
 
 
 def _mlflow_store(run_dir: Path) -> None:

@@ -46,3 +46,45 @@ def test_trackers_get_the_options_without_credentials():
     assert values["s3_endpoint_url"] == "http://minio:9000" and values["sample_prompts"] == "null"
     assert values["report_to"] == "all" and values["tracker_project"] == "dmdr"
     assert all(isinstance(v, (bool, int, float, str)) for v in values.values())
+
+
+@pytest.fixture
+def main_process(monkeypatch, tmp_path):
+    """A one-process Accelerator logging to MLflow (file store in tmp_path); state reset after."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    yield lambda: Accelerator(cpu=True, log_with="mlflow")
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_tracker_failing_mid_run_warns_once_and_training_goes_on(main_process, tmp_path, caplog):
+    import shutil
+
+    tracker = tracking.Tracking(main_process(), _cfg(report_to="mlflow", output_dir=str(tmp_path / "out")))
+    tracker.log_row("gen", {"step": 1, "loss_dmd": 0.5, "time": 0.0}, "step")
+    shutil.rmtree(tmp_path / "mlruns")  # the store is gone
+    with caplog.at_level("WARNING", logger="dmdr"):
+        tracker.log_row("gen", {"step": 2, "loss_dmd": 0.4}, "step")
+        tracker.log_row("gen", {"step": 3, "loss_dmd": 0.3}, "step")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING: mlflow: logging gen scalars failed (")
+    assert "training goes on" in warnings[0]
+
+
+def test_a_tracker_that_cannot_start_is_one_line(main_process, monkeypatch, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:pw-123@127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(UserError) as err:
+        tracking.Tracking(main_process(), _cfg(report_to="mlflow", output_dir=str(tmp_path / "out")))
+    message = str(err.value)
+    assert message.startswith("--report-to mlflow: the tracker did not start (") and "\n" not in message
+    assert "pw-123" not in message
