@@ -27,7 +27,7 @@ from dmdr.errors import UserError
 from dmdr.logs import get_logger
 
 # Log files restored from the store when a fresh pod resumes there (so they continue, not restart).
-RESTORED_LOGS = ("log.txt", "loss_logs/loss_gen_log.jsonl", "loss_logs/loss_gui_log.jsonl")
+RESTORED_LOGS = ("log.txt", "loss_logs/loss_gen_log.jsonl", "loss_logs/loss_gui_log.jsonl", "tracking.json")
 
 
 class RunStorage:

@@ -23,6 +23,9 @@ from dmdr.errors import UserError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 TENSORBOARD_DIR = "tensorboard"
+# The run's W&B id and MLflow run id: the next attempt (a resume, a restarted pod: the syncer
+# uploads it with the logs and a fresh pod gets it back) continues the same tracker runs.
+IDS_FILE = "tracking.json"
 # log keys that are axes or bookkeeping, not curves
 _NOT_SCALARS = ("step", "inner_step", "time")
 
@@ -72,18 +75,22 @@ class Tracking:
             return
         log = get_logger()
         run_name = cfg.tracker_run_name or cfg.exp_name
+        ids = _read_ids(cfg.run_dir)
         init: dict[str, dict[str, Any]] = {"mlflow": {"run_name": run_name}}
         if "wandb" in self.names:
             init["wandb"] = self._wandb_init(cfg, run_name)
+            if ids.get("wandb"):
+                init["wandb"].update(id=ids["wandb"], resume="allow")
         if "mlflow" in self.names:
             _mlflow_store(cfg.run_dir)
+            if _mlflow_run_exists(ids.get("mlflow")):
+                init["mlflow"]["run_id"] = ids["mlflow"]
         try:
             acc.init_trackers(cfg.tracker_project, config=tracker_config(cfg), init_kwargs=init)
         except Exception as exc:  # a tracker's server or key refused us: one line, no traceback
             from dmdr.redact import redact
 
-            started = {t.name for t in acc.trackers}
-            name = next((n for n in self.names if n not in started), self.names[-1])
+            name = next((n for n in self.names if type(exc).__module__.startswith(n)), ",".join(self.names))
             first = (redact(str(exc)).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"--report-to {name}: the tracker did not start ({type(exc).__name__}: {first}); "
                             f"check its settings (see README, Experiment tracking) or drop it from --report-to") from None
@@ -92,6 +99,8 @@ class Tracking:
             for axis, pattern in (("step", "gen/*"), ("step", "samples*"), ("inner_step", "gui/*")):
                 run.define_metric(axis, hidden=True)
                 run.define_metric(pattern, step_metric=axis)
+        _write_ids(cfg.run_dir, {t.name: t.tracker.id if t.name == "wandb" else t.tracker.info.run_id
+                                 for t in acc.trackers if t.name in ("wandb", "mlflow")})
         for line in self._where(cfg, run_name, synced_to):
             log.info(line)
 
@@ -193,6 +202,37 @@ def _log_samples(tracker, images, prompts: list[str], files: list[Path], step: i
 
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="samples")
+
+
+def _read_ids(run_dir: Path) -> dict[str, str]:
+    try:
+        ids = json.loads((run_dir / IDS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return ids if isinstance(ids, dict) else {}
+
+
+def _write_ids(run_dir: Path, ids: dict[str, str]) -> None:
+    if not ids:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (IDS_FILE + ".tmp")
+    tmp.write_text(json.dumps(ids, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(run_dir / IDS_FILE)
+
+
+def _mlflow_run_exists(run_id: str | None) -> bool:
+    """Whether the store has this run (a file store that was not kept, another server: a new run)."""
+    if not run_id:
+        return False
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 def _mlflow_store(run_dir: Path) -> None:

@@ -23,8 +23,9 @@ from dmdr.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 LATEST_REL = f"{CHECKPOINTS}/latest.json"
-# tensorboard/: the event files of --report-to tensorboard (new files per attempt, appended to)
-LOG_PATTERNS = ("args.json", "log.txt", "loss_logs/*.jsonl", "tensorboard/**/*")
+# tensorboard/: the event files of --report-to tensorboard (new files per attempt, appended to);
+# tracking.json: the W&B / MLflow run ids that the next attempt continues
+LOG_PATTERNS = ("args.json", "log.txt", "loss_logs/*.jsonl", "tensorboard/**/*", "tracking.json")
 _STEP_RE = re.compile(r"(?:^|/)step-(\d+)(?=[./]|$)")
 _MANIFEST_RE = re.compile(rf"^{CHECKPOINTS}/step-(\d+)\.complete\.json$")
 

@@ -28,5 +28,6 @@ def test_endpoint_password_never_lands_in_a_file_or_the_bucket(tmp_path, moto, b
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/")["Contents"]]
     assert "runs/s/args.json" in keys and "runs/s/checkpoints/step-2.complete.json" in keys
     assert any(k.startswith("runs/s/tensorboard/") and "events.out.tfevents" in k for k in keys), keys
+    assert "runs/s/tracking.json" in keys  # the W&B / MLflow run ids a restarted pod continues
     leaked = [k for k in keys if SECRET.encode() in client.get_object(Bucket=bucket, Key=k)["Body"].read()]
     assert leaked == []

@@ -56,8 +56,18 @@ def main_process(monkeypatch, tmp_path):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    yield lambda: Accelerator(cpu=True, log_with="mlflow")
+    def make(log_with="mlflow"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(cpu=True, log_with=log_with)
+
+    yield make
     AcceleratorState._reset_state(reset_partial_state=True)
+    import mlflow
+
+    try:  # MLflow's active run is process-global: the next test starts its own
+        mlflow.end_run()
+    except Exception:  # noqa: BLE001 - a store this test removed
+        pass
 
 
 def test_a_tracker_failing_mid_run_warns_once_and_training_goes_on(main_process, tmp_path, caplog):
@@ -88,3 +98,22 @@ def test_a_tracker_that_cannot_start_is_one_line(main_process, monkeypatch, tmp_
     message = str(err.value)
     assert message.startswith("--report-to mlflow: the tracker did not start (") and "\n" not in message
     assert "pw-123" not in message
+
+
+def test_the_next_attempt_continues_the_same_wandb_and_mlflow_runs(main_process, monkeypatch, tmp_path):
+    from helpers_tracking import mlflow_client, tracker_env, wandb_records
+
+    for key, value in tracker_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    cfg = _cfg(report_to="wandb,mlflow", output_dir=str(tmp_path / "out"), resume_ckpt="auto")
+    for step in (1, 2):  # two attempts of one run (the second one resumes)
+        tracker = tracking.Tracking(main_process(["wandb", "mlflow"]), cfg)
+        tracker.log_row("gen", {"step": step, "loss_dmd": 1.0 / step}, "step")
+        tracker.finish()
+    ids = {json_record.run.run_id for path in (tmp_path / "wandb").rglob("run-*.wandb")
+           for json_record in wandb_records(path) if json_record.WhichOneof("record_type") == "run"}
+    assert len(list((tmp_path / "wandb").rglob("run-*.wandb"))) == 2 and len(ids) == 1
+    client = mlflow_client(tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("dmdr").experiment_id])
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "gen/loss_dmd")] == [(1, 1.0), (2, 0.5)]
+    assert (cfg.run_dir / tracking.IDS_FILE).exists()
