@@ -63,8 +63,11 @@ def test_bad_tracking_values_fail_with_a_clear_message(values, expected):
     assert SENTINEL not in error
 
 
-def test_wandb_offline_needs_no_key():
-    objects = _objects({"tracking": {"tracker": "tensorboard,wandb"},
-                        "extraEnv": [{"name": "WANDB_MODE", "value": "offline"}]})
+@pytest.mark.parametrize("values", [
+    {"extraEnv": [{"name": "WANDB_MODE", "value": "offline"}]},
+    {"envFrom": [{"secretRef": {"name": "team-wandb"}}]},  # WANDB_API_KEY from a whole Secret
+], ids=["offline", "envFrom"])
+def test_wandb_key_from_elsewhere_is_accepted(values):
+    objects = _objects({"tracking": {"tracker": "tensorboard,wandb"}, **values})
     config = yaml.safe_load(h.the(objects, "ConfigMap")["data"]["config.yaml"])
     assert config["report_to"] == "tensorboard,wandb"

@@ -142,8 +142,8 @@ sentence naming the values involved and the fix. Included once, from pytorchjob.
 {{- if and (has "wandb" (splitList "," $v.tracking.tracker)) (not $v.tracking.wandb.apiKeySecret) }}
 {{- $wandbEnv := list }}
 {{- range $v.extraEnv }}{{ $wandbEnv = append $wandbEnv .name }}{{ end }}
-{{- if not (or (has "WANDB_API_KEY" $wandbEnv) (has "WANDB_MODE" $wandbEnv)) }}
-{{- fail "tracking.tracker names wandb but tracking.wandb.apiKeySecret is empty: create a Secret with the W&B API key and name it there (or set WANDB_MODE=offline in extraEnv)" }}
+{{- if not (or (has "WANDB_API_KEY" $wandbEnv) (has "WANDB_MODE" $wandbEnv) $v.envFrom) }}
+{{- fail "tracking.tracker names wandb but tracking.wandb.apiKeySecret is empty: create a Secret with the W&B API key and name it there (or set WANDB_MODE=offline in extraEnv, or WANDB_API_KEY through envFrom)" }}
 {{- end }}
 {{- end }}
 {{- include "dmdr.validateListKeys" . }}
