@@ -16,6 +16,7 @@ from dmdr.config import TrainConfig
 from dmdr.dmd import sampler, timesteps as ts
 from dmdr.errors import UserError
 from dmdr.models import sdxl
+from dmdr.storage.layout import pulled_subset_steps
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
@@ -28,7 +29,10 @@ def load_run_config(run_dir: Path) -> TrainConfig:
 
 
 def find_checkpoint(run_dir: Path, step: str) -> int:
-    steps = checkpoint.complete_steps(run_dir / "checkpoints")
+    """The step to load: complete checkpoints, and those `dmdr pull --only generator|lora` brought."""
+    ckpt = run_dir / "checkpoints"
+    steps = sorted({*checkpoint.complete_steps(ckpt), *pulled_subset_steps(ckpt, "generator"),
+                    *pulled_subset_steps(ckpt, "lora")})
     if not steps:
         raise UserError(f"{run_dir} has no complete checkpoint (checkpoints/step-N.complete.json)")
     if step == "latest":
@@ -56,7 +60,8 @@ def load_generator(cfg: TrainConfig, run_dir: Path, step: int, device: torch.dev
         elif (step_dir / "model.safetensors").is_file():
             unet.load_state_dict(load_file(str(step_dir / "model.safetensors")), strict=True)
         else:
-            raise UserError(f"{step_dir} has neither model.safetensors nor FSDP shards: the checkpoint is incomplete")
+            raise UserError(f"{step_dir} has neither model.safetensors nor FSDP shards: the checkpoint is incomplete "
+                            "(a pull with --only lora of a run without --use-lora-gen: pull --only generator)")
     for m in (parts.text_encoder_one, parts.text_encoder_two, parts.vae, unet):
         m.to(device).eval()
     parts.alphas_cumprod = parts.alphas_cumprod.to(device)
