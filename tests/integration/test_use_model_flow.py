@@ -82,15 +82,25 @@ def test_readme_pull_sample_export_score_plot_chain(trained, dmdr, tmp_path):
     assert Image.open(run / "plots" / "losses.png").size[0] > 400
 
 
-def test_a_plain_pull_is_enough_for_sample_and_the_store_has_the_plot(trained, dmdr, tmp_path):
+def test_a_plain_pull_is_enough_for_sample_and_the_store_has_the_plot(trained, dmdr, tmp_path, capsys):
     """`dmdr pull URI --step latest --dest D` then `dmdr sample --run D` (it said "D has no args.json")."""
-    moto, uri, _ = trained
+    moto, uri, cache = trained
     out, err = dmdr(["dmdr", "pull", uri, "--step", "latest", "--dest", "d"])
     assert "Pulled step 2" in out and "warning" not in err
     assert json.loads((tmp_path / "d" / "args.json").read_text())["exp_name"] == "exp"
     assert not list((tmp_path / "d").glob(".dmdr-pull*"))
     dmdr(["dmdr", "sample", "--run", "d", "--prompt", "a red fox", "--out", "s"])
     assert (tmp_path / "s" / "0000.png").is_file()
+
+    # args.json names the training pod's base model and cache: this machine passes its own
+    args = json.loads((tmp_path / "d" / "args.json").read_text())
+    (tmp_path / "a-file").write_text("")
+    args.update(pretrained_model="/opt/pod-only/sdxl-base", cache_dir=str(tmp_path / "a-file" / "cache"))
+    (tmp_path / "d" / "args.json").write_text(json.dumps(args))
+    assert cli.main(["export", "--run", "d", "--out", "u"]) == 2
+    assert "--pretrained-model /opt/pod-only/sdxl-base" in capsys.readouterr().err
+    dmdr(["dmdr", "export", "--run", "d", "--out", "u", "--pretrained-model", "builtin:tiny", "--cache-dir", str(cache)])
+    assert (tmp_path / "u" / "diffusion_pytorch_model.safetensors").is_file()
 
     # the plot drawn at sample step 2 went to the store with the samples; `dmdr plot` reads the logs from there
     head = moto.client().head_object(Bucket=uri.split("/")[2], Key="prefix/exp/plots/losses.png")
