@@ -1,4 +1,4 @@
-"""The ``dmdr`` command: train, sample, export, score (and storage/weights commands as they land)."""
+"""The ``dmdr`` command: train, sample, export, score, plot (and storage/weights commands as they land)."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +31,8 @@ def _sample(args: argparse.Namespace) -> int:
         prompts += data.load_prompt_list(args.prompts)
     if not prompts:
         prompts = list(data.SAMPLE_PROMPTS)
-    paths = inference.sample_to_dir(Path(args.run), args.step, prompts, Path(args.out), args.seed, args.device)
+    paths = inference.sample_to_dir(Path(args.run), args.step, prompts, Path(args.out), args.seed, args.device,
+                                    _overrides(args))
     for p, text in zip(paths, prompts):
         print(f"{p}\t{text}")
     return 0
@@ -40,9 +41,22 @@ def _sample(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from dmdr import inference
 
-    out = inference.export(Path(args.run), args.step, Path(args.out))
+    out = inference.export(Path(args.run), args.step, Path(args.out), _overrides(args))
     print(f"exported generator UNet: {out}")
     return 0
+
+
+def _add_run_overrides(p: argparse.ArgumentParser) -> None:
+    """Paths in a run's args.json that name the training machine, replaceable on this one."""
+    p.add_argument("--pretrained-model", default=None,
+                   help="base SDXL model (default: the run's, from args.json): a local diffusers folder, "
+                        "a hub id or builtin:tiny")
+    p.add_argument("--cache-dir", default=None, help="cache for built-in models and fetched inputs "
+                                                     "(default: the run's, from args.json)")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {"pretrained_model": args.pretrained_model, "cache_dir": args.cache_dir}
 
 
 def _is_main_rank() -> bool:
@@ -61,7 +75,7 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line. It imports only light modules (no torch, numpy or boto3): each
     command imports what it needs when it runs, so `dmdr --help` answers at once."""
-    from dmdr import config, score, weights_cli
+    from dmdr import config, plot, score, weights_cli
     from dmdr.storage import cli as storage_cli
 
     parser = argparse.ArgumentParser(prog="dmdr", description="DMDR: one-step SDXL distillation with rewards.")
@@ -81,15 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for PNGs")
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--device", default="cpu")
+    _add_run_overrides(p)
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("export", help="the generator as a diffusers UNet folder (safetensors)")
     p.add_argument("--run", required=True, help="run directory (<output-dir>/<exp-name>)")
     p.add_argument("--step", default="latest", help="checkpoint step or 'latest'")
     p.add_argument("--out", required=True, help="output folder")
+    _add_run_overrides(p)
     p.set_defaults(func=_export)
 
     score.add_parser(sub)
+    plot.add_parser(sub)
     storage_cli.add_parsers(sub)
     sub.choices["ls"].set_defaults(func=storage_cli.run_ls)
     sub.choices["pull"].set_defaults(func=storage_cli.run_pull)

@@ -16,19 +16,27 @@ from dmdr.config import TrainConfig
 from dmdr.dmd import sampler, timesteps as ts
 from dmdr.errors import UserError
 from dmdr.models import sdxl
+from dmdr.storage.layout import pulled_subset_steps
 
 
-def load_run_config(run_dir: Path) -> TrainConfig:
+def load_run_config(run_dir: Path, overrides: dict | None = None) -> TrainConfig:
+    """The run's args.json; `overrides` (values not None) replace what names this machine's
+    paths, e.g. the base model and cache of the training pod on another machine."""
     args = run_dir / "args.json"
     if not args.is_file():
-        raise UserError(f"{run_dir} has no args.json: pass a run directory written by `dmdr train`")
+        raise UserError(f"{run_dir} has no args.json: pass a run directory written by `dmdr train` "
+                        "(or pulled with `dmdr pull`)")
     values = json.loads(args.read_text())
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     known = {f for f in TrainConfig.__dataclass_fields__}
     return TrainConfig(**{k: v for k, v in values.items() if k in known})
 
 
 def find_checkpoint(run_dir: Path, step: str) -> int:
-    steps = checkpoint.complete_steps(run_dir / "checkpoints")
+    """The step to load: complete checkpoints, and those `dmdr pull --only generator|lora` brought."""
+    ckpt = run_dir / "checkpoints"
+    steps = sorted({*checkpoint.complete_steps(ckpt), *pulled_subset_steps(ckpt, "generator"),
+                    *pulled_subset_steps(ckpt, "lora")})
     if not steps:
         raise UserError(f"{run_dir} has no complete checkpoint (checkpoints/step-N.complete.json)")
     if step == "latest":
@@ -56,7 +64,8 @@ def load_generator(cfg: TrainConfig, run_dir: Path, step: int, device: torch.dev
         elif (step_dir / "model.safetensors").is_file():
             unet.load_state_dict(load_file(str(step_dir / "model.safetensors")), strict=True)
         else:
-            raise UserError(f"{step_dir} has neither model.safetensors nor FSDP shards: the checkpoint is incomplete")
+            raise UserError(f"{step_dir} has neither model.safetensors nor FSDP shards: the checkpoint is incomplete "
+                            "(a pull with --only lora of a run without --use-lora-gen: pull --only generator)")
     for m in (parts.text_encoder_one, parts.text_encoder_two, parts.vae, unet):
         m.to(device).eval()
     parts.alphas_cumprod = parts.alphas_cumprod.to(device)
@@ -115,8 +124,9 @@ def save_sample_grid(images: torch.Tensor, prompts: list[str], samples_dir: Path
     return [png, captions]
 
 
-def sample_to_dir(run_dir: Path, step: str, prompts: list[str], out_dir: Path, seed: int, device: str = "cpu") -> list[Path]:
-    cfg = load_run_config(run_dir)
+def sample_to_dir(run_dir: Path, step: str, prompts: list[str], out_dir: Path, seed: int, device: str = "cpu",
+                  overrides: dict | None = None) -> list[Path]:
+    cfg = load_run_config(run_dir, overrides)
     dev = torch.device(device)
     parts, unet = load_generator(cfg, run_dir, find_checkpoint(run_dir, step), dev)
     images = sample_images(cfg, parts, unet, prompts, seed, dev)
@@ -129,7 +139,7 @@ def sample_to_dir(run_dir: Path, step: str, prompts: list[str], out_dir: Path, s
     return paths
 
 
-def export(run_dir: Path, step: str, out_dir: Path) -> Path:
-    cfg = load_run_config(run_dir)
+def export(run_dir: Path, step: str, out_dir: Path, overrides: dict | None = None) -> Path:
+    cfg = load_run_config(run_dir, overrides)
     _, unet = load_generator(cfg, run_dir, find_checkpoint(run_dir, step), torch.device("cpu"))
     return sdxl.export_unet(unet, out_dir, conditioning_timestep=cfg.conditioning_timestep, num_steps=cfg.sample_num_steps)

@@ -291,19 +291,9 @@ class RunStorage:
             self._pull_logs(client, remote)
 
     def _pull_logs(self, client, remote) -> None:
-        for rel in RESTORED_LOGS:
-            dest = self.run_dir / rel
-            if dest.exists():
-                continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            obj = remote.join(rel)
-            try:
-                body = client.get_object(Bucket=obj.bucket, Key=obj.key)["Body"].read()
-            except client.exceptions.NoSuchKey:
-                continue
-            tmp = dest.with_name(dest.name + ".tmp")
-            tmp.write_bytes(body)
-            tmp.replace(dest)
+        from dmdr.storage.remote import get_files
+
+        get_files(client, remote, [rel for rel in RESTORED_LOGS if not (self.run_dir / rel).exists()], self.run_dir)
 
     def start(self, resumed_step: int | None) -> None:
         """Start the background syncer (after resume, so restored files are not re-uploaded

@@ -1,8 +1,9 @@
 """`dmdr score`: score a folder of images against their prompts with the reward models.
 
 Images are taken in name order and paired with the prompt file line by line. Prints one line per
-image and the means (HPS also x100, as papers report it) and writes a JSON report; an ``--out``
-ending in ``.csv`` writes a CSV too, with the JSON next to it.
+image and the means (HPS also x100, as papers report it) and writes a JSON report (by default
+``scores.json`` in the images folder); an ``--out`` ending in ``.csv`` writes a CSV too, with the
+JSON next to it.
 
     dmdr score --images DIR --prompts FILE --hpsv2-reward-model HPS_v2.1_compressed.pt
     python -m dmdr.score --images DIR --prompts FILE --clip-reward-model Apple_CLIP-H-14-224.bin
@@ -30,8 +31,8 @@ if TYPE_CHECKING:  # torch and the reward models load in the command, not for `d
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DESCRIPTION = (
     "Score images against their prompts: images sorted by name, one prompt per line. Prints "
-    "per-image scores and means (HPS also x100) and writes a JSON report (and a CSV for --out "
-    "*.csv). Reward models load from local files only."
+    "per-image scores and means (HPS also x100) and writes a JSON report (scores.json in the "
+    "images folder, or --out; a CSV too for --out *.csv). Reward models load from local files only."
 )
 DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 
@@ -54,9 +55,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--magic-prompt", default=None,
                    help="text put before each prompt for HPS only (training uses 'Realistic photo'; "
                         "default: none, as in the HPSv2 benchmark)")
-    p.add_argument("--out", default="scores.json",
+    p.add_argument("--out", default=None,
                    help="report path, .json or .csv (a .csv also writes the .json next to it; "
-                        "default: %(default)s)")
+                        "default: scores.json in the --images folder)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype")
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         specs.append(RewardSpec("hps", args.hpsv2_reward_model, arch=args.hps_reward_arch,
                                 prefix=args.magic_prompt))
     if not specs:
-        raise UserError("dmdr score: give --clip-reward-model and/or --hpsv2-reward-model.")
+        raise UserError("give --clip-reward-model and/or --hpsv2-reward-model.")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1.")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -202,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     for row in report["images"]:
         print(f"{row['file']}  {_format(row)}")
     print(f"mean over {report['count']} images: {_format(report['mean'])}")
-    for path in write_report(report, Path(args.out)):
+    for path in write_report(report, Path(args.out) if args.out else Path(args.images) / "scores.json"):
         print(f"wrote {path}")
     return 0
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object, set_seed
 
-from dmdr import components, data, fsdp, inference
+from dmdr import components, data, fsdp, inference, plot
 from dmdr.checkpoint import Checkpointer
 from dmdr.config import TrainConfig, save_args
 from dmdr.dmd import losses, sampler, timesteps as ts
@@ -138,6 +138,8 @@ class Trainer:
             if self.global_step % cfg.sample_steps == 0:
                 gen_logs.update(self.sample_grid())
             self.write_gen_log(gen_logs, progress)
+            if self.global_step % cfg.sample_steps == 0 and acc.is_main_process:
+                plot.plot_in_run(self.run_dir, self.storage.file_written, self.log)
             if self.global_step % cfg.checkpoint_steps == 0:
                 self.save()
                 last_saved = self.global_step

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dmdr.errors import UserError
 from dmdr.storage.hashio import human_size
-from dmdr.storage.layout import ONLY_GROUPS, verification  # light; the boto3 modules load in the commands
+from dmdr.storage.layout import ONLY_GROUPS, RUN_FILES, verification  # light; the boto3 modules load in the commands
 
 
 def add_s3_options(parser: argparse.ArgumentParser) -> None:
@@ -66,13 +66,15 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                          "run does at start: a read-only or wrong credential fails here (`helm test`)")
     add_s3_options(ls)
     pull = subparsers.add_parser("pull", help="download a checkpoint of a run, verified",
-                                 description="Download one checkpoint of s3://BUCKET/PREFIX/EXP into "
-                                             "DEST (laid out like the run's own directory).")
+                                 description="Download one checkpoint of s3://BUCKET/PREFIX/EXP, with the "
+                                             "run's args.json and loss logs, into DEST (laid out like the "
+                                             "run's own directory: `dmdr sample/export --run DEST` use it).")
     pull.add_argument("uri", help="s3://bucket/prefix/exp")
     pull.add_argument("--step", default="latest", help="'latest' (default) or a step number")
     pull.add_argument("--dest", required=True, type=Path, help="local directory (the experiment dir)")
     pull.add_argument("--only", default="all", choices=list(ONLY_GROUPS),
-                      help="all files, or only the generator / the LoRA adapters")
+                      help="all files (resume), only the generator's weights (sample/export), "
+                           "or only the LoRA adapters")
     add_s3_options(pull)
 
 
@@ -109,8 +111,9 @@ def run_ls(args: argparse.Namespace) -> int:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    """Download `--step` of a run into `--dest`, verifying every file."""
-    from dmdr.storage.remote import download_checkpoint, require_latest
+    """Download `--step` of a run into `--dest`, verifying every file, with the run's args.json
+    and loss logs: `dmdr sample`/`export`/`plot --run DEST` then work on DEST."""
+    from dmdr.storage.remote import download_checkpoint, download_run_files, require_latest
 
     if args.dest.exists() and not args.dest.is_dir():
         raise UserError(f"--dest {args.dest} is a file, not a folder: give the experiment folder to pull into.")
@@ -123,6 +126,10 @@ def run_pull(args: argparse.Namespace) -> int:
         except ValueError:
             raise UserError(f"--step '{args.step}' is not 'latest' or a step number.") from None
     manifest = download_checkpoint(args.uri, step, args.dest, only=args.only, cfg=cfg)
+    got = download_run_files(args.uri, args.dest, RUN_FILES, cfg)
+    if "args.json" not in got:
+        print(f"warning: {args.uri}/args.json is missing: `dmdr sample`/`export` need the run's configuration "
+              f"there; copy it into {args.dest}", file=sys.stderr)
     print(f"Pulled step {step} ({len(manifest.files)} files, {human_size(manifest.size)}, {verification(manifest)}) "
           f"into {args.dest}")
     return 0

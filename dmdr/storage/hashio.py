@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,15 +84,39 @@ def progress_bar(total: int, desc: str, progress: bool | None) -> Any:
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (created if needed) for the block: one process at a time."""
+def file_lock(path: Path, remove: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if needed) for the block: one process at a time.
+
+    With `remove` the lock file is deleted when the block ends, so it leaves nothing behind. A
+    waiter may then hold a lock on the deleted file; it notices (the path no longer names the
+    file it locked) and locks the path anew, so two processes never both hold it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    while True:
+        handle = open(path, "a")
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            if remove and not _names(path, handle):
+                continue  # the holder before us deleted it: lock the new file instead
+            try:
+                yield
+            finally:
+                if remove:
+                    path.unlink(missing_ok=True)  # while still locked: waiters see it is gone
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            return
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
+def _names(path: Path, handle: Any) -> bool:
+    """Whether `path` still names the open file `handle`."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(handle.fileno())
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
 
 
 def human_size(size: int) -> str:

@@ -2,17 +2,19 @@
 
 Local and remote trees are the same below the experiment directory::
 
-    args.json, log.txt, loss_logs/*.jsonl, samples/*.png, tensorboard/**
+    args.json, log.txt, loss_logs/*.jsonl, samples/*.png, plots/losses.png, tensorboard/**
     checkpoints/{accelerator_1,accelerator_2,lora_gen,lora_gui}/step-N/...
     checkpoints/torch_units/step-N.pt
     checkpoints/step-N.complete.json     local marker / remote manifest (written last)
     checkpoints/step-N.parts/<attempt>/node-K.json  remote only, multi-node part manifests
     checkpoints/latest.json              remote only: {"step": N, "manifest": "<rel path>"}
+    checkpoints/step-N.<group>.json      local only: a `dmdr pull --only generator|lora` (not a checkpoint)
 
 A checkpoint without its marker (locally) or manifest (remotely) does not exist.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import time
@@ -29,17 +31,37 @@ LOG_PATTERNS = ("args.json", "log.txt", "loss_logs/*.jsonl", "tensorboard/**/*",
 _STEP_RE = re.compile(r"(?:^|/)step-(\d+)(?=[./]|$)")
 _MANIFEST_RE = re.compile(rf"^{CHECKPOINTS}/step-(\d+)\.complete\.json$")
 
-# --only groups for pulls: first directory below checkpoints/ that each group keeps.
+# --only groups for pulls: the files below checkpoints/ each group keeps (fnmatch patterns, `*`
+# crosses folders). "generator" is what `dmdr sample`/`export` read: the generator's weights (or
+# its FSDP shards, which hold weights and optimiser state together) and its LoRA, never the
+# optimiser, scheduler or RNG states that only a resume needs.
 ONLY_GROUPS: dict[str, tuple[str, ...] | None] = {
     "all": None,
-    "generator": ("accelerator_1", "lora_gen"),
-    "lora": ("lora_gen", "lora_gui"),
+    "generator": ("accelerator_1/step-*/model*.safetensors", "accelerator_1/step-*/sharded/*", "lora_gen/*"),
+    "lora": ("lora_gen/*", "lora_gui/*"),
 }
+# The run's own files a pull brings along: `dmdr sample`/`export` read args.json, `dmdr plot` the loss logs.
+RUN_FILES = ("args.json", "loss_logs/loss_gen_log.jsonl", "loss_logs/loss_gui_log.jsonl")
+_SUBSET_MARKER_RE = re.compile(rf"^step-(\d+)\.({'|'.join(g for g in ONLY_GROUPS if g != 'all')})\.json$")
 
 
 def marker_rel(step: int) -> str:
     """Path of step N's local marker / remote manifest, relative to the experiment dir."""
     return f"{CHECKPOINTS}/step-{step}.complete.json"
+
+
+def pulled_marker_rel(step: int, only: str) -> str:
+    """The marker a pull of step N writes last: the checkpoint's own for ``--only all``, else
+    ``checkpoints/step-N.<group>.json`` (files of that group only; resume never reads it)."""
+    return marker_rel(step) if only == "all" else f"{CHECKPOINTS}/step-{step}.{only}.json"
+
+
+def pulled_subset_steps(ckpt_dir: Path, only: str) -> list[int]:
+    """Steps whose ``--only`` group was pulled completely into `ckpt_dir` (ascending)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in ckpt_dir.iterdir()
+                  if (m := _SUBSET_MARKER_RE.match(p.name)) and m.group(2) == only)
 
 
 def part_rel(step: int, node: int, attempt: str) -> str:
@@ -65,11 +87,11 @@ def in_group(rel: str, only: str) -> bool:
     """Whether a checkpoint file belongs to the ``--only`` group."""
     if only not in ONLY_GROUPS:
         raise UserError(f"--only '{only}' is not known: use one of {', '.join(ONLY_GROUPS)}.")
-    dirs = ONLY_GROUPS[only]
-    if dirs is None:
+    patterns = ONLY_GROUPS[only]
+    if patterns is None:
         return True
-    parts = rel.split("/")
-    return len(parts) > 2 and parts[0] == CHECKPOINTS and parts[1] in dirs
+    head, _, below = rel.partition("/")
+    return head == CHECKPOINTS and any(fnmatch.fnmatchcase(below, p) for p in patterns)
 
 
 @dataclass

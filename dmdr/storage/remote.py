@@ -7,7 +7,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import botocore.exceptions as bexc
 from s3transfer.manager import TransferManager
@@ -17,7 +17,7 @@ from dmdr.errors import UserError
 from dmdr.storage.client import StorageConfig, make_client, storage_errors, transfer_config
 from dmdr.storage.hashio import file_lock, progress_bar, sha256_file
 from dmdr.storage.layout import (CHECKPOINTS, LATEST_REL, FileEntry, Manifest, in_group, manifest_step,
-                                 marker_rel, step_of)
+                                 marker_rel, pulled_marker_rel, step_of)
 from dmdr.storage.uri import S3Uri
 
 
@@ -247,11 +247,12 @@ def download_checkpoint(exp_uri: str, step: int, local_exp_dir: str | Path, only
     """Download step N into `local_exp_dir` (the experiment directory), verified and atomic.
 
     Files land in a temporary folder, are checked against the manifest's sizes and sha256, then
-    renamed into place; for ``only="all"`` the local completion marker is written last, so a
-    partial pull never looks like a checkpoint. ``only="generator"|"lora"`` pulls a subset and
-    writes no marker. A lock in `local_exp_dir` makes concurrent callers (every rank of a node)
-    download once: later ones find the marker and return. Returns the manifest of the files
-    pulled. Progress bar only on a TTY (`progress` None), or as forced.
+    renamed into place; the marker is written last, so a partial pull never looks like a
+    checkpoint: for ``only="all"`` the checkpoint's own completion marker, for
+    ``only="generator"|"lora"`` (a subset) ``step-N.<group>.json``, which `dmdr sample`/`export`
+    read and resume ignores. A lock in `local_exp_dir` (removed afterwards) makes concurrent
+    callers (every rank of a node) download once: later ones find the marker and return. Returns
+    the manifest of the files pulled. Progress bar only on a TTY (`progress` None), or as forced.
     """
     exp = S3Uri.parse(exp_uri)
     cfg = _cfg_for(exp_uri, cfg)
@@ -273,16 +274,46 @@ def download_checkpoint(exp_uri: str, step: int, local_exp_dir: str | Path, only
     if not files:
         raise UserError(f"Checkpoint step {step} under {exp} has no files for --only {only}: use --only all.")
     pulled = Manifest(manifest.step, files, manifest.world_size, manifest.time, manifest.num_nodes)
-    with file_lock(dest / ".dmdr-pull.lock"):
-        if only == "all" and _present(dest, pulled):
+    marker = dest / pulled_marker_rel(step, only)
+    with file_lock(dest / ".dmdr-pull.lock", remove=True):
+        if _present(dest, pulled, marker):
             return pulled
-        _pull_verified(client, cfg, exp, pulled, dest, write_marker=only == "all", progress=progress)
+        _pull_verified(client, cfg, exp, pulled, dest, marker, progress=progress)
     return pulled
 
 
-def _present(dest: Path, manifest: Manifest) -> bool:
-    """Whether `dest` already holds this checkpoint: its marker, and every file at its size."""
-    marker = dest / marker_rel(manifest.step)
+def get_files(client: Any, exp: S3Uri, rels: Iterable[str], dest: Path) -> list[str]:
+    """Download the small run files `rels` (args.json, logs) of `exp` that the store has into
+    `dest`, each replaced atomically; returns the ones found."""
+    found = []
+    for rel in rels:
+        obj = exp.join(rel)
+        try:
+            body = client.get_object(Bucket=obj.bucket, Key=obj.key)["Body"].read()
+        except bexc.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                continue
+            raise
+        final = dest / rel
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(final.name + ".tmp")
+        tmp.write_bytes(body)
+        os.replace(tmp, final)
+        found.append(rel)
+    return found
+
+
+def download_run_files(exp_uri: str, dest: str | Path, rels: Iterable[str],
+                       cfg: StorageConfig | None = None) -> list[str]:
+    """`get_files` with its own client; store errors become one-line UserErrors."""
+    exp = S3Uri.parse(exp_uri)
+    cfg = _cfg_for(exp_uri, cfg)
+    with storage_errors(cfg, exp):
+        return get_files(make_client(cfg), exp, rels, Path(dest))
+
+
+def _present(dest: Path, manifest: Manifest, marker: Path) -> bool:
+    """Whether `dest` already holds these files: their `marker`, and every file at its size."""
     try:
         local = Manifest.from_json(marker.read_text(), str(marker))
     except (FileNotFoundError, UserError):
@@ -291,12 +322,11 @@ def _present(dest: Path, manifest: Manifest) -> bool:
         (dest / f.path).is_file() and (dest / f.path).stat().st_size == f.size for f in manifest.files)
 
 
-def _pull_verified(client: Any, cfg: StorageConfig, exp: S3Uri, manifest: Manifest, dest: Path, *,
-                   write_marker: bool, progress: bool | None) -> None:
+def _pull_verified(client: Any, cfg: StorageConfig, exp: S3Uri, manifest: Manifest, dest: Path, marker: Path, *,
+                   progress: bool | None) -> None:
     step, files = manifest.step, manifest.files
     tmp = dest / f".dmdr-pull-step-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    marker = dest / marker_rel(step)
     bar = progress_bar(manifest.size, f"pull step {step}", progress)
     try:
         got = _download_all(client, cfg, exp, files, tmp, bar.update if bar else None)
@@ -307,17 +337,15 @@ def _pull_verified(client: Any, cfg: StorageConfig, exp: S3Uri, manifest: Manife
                     f"sha256 {entry.sha256}, got {size} bytes with {sha}; "
                     "the remote copy is corrupt: pull another step (`dmdr ls`) or re-upload it."
                 )
-        if write_marker:
-            marker.unlink(missing_ok=True)  # invalid while files are being replaced
+        marker.unlink(missing_ok=True)  # invalid while files are being replaced
         for entry in files:
             final = dest / entry.path
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp / entry.path, final)
-        if write_marker:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            part = marker.with_suffix(".json.tmp")
-            part.write_text(manifest.to_json())
-            os.replace(part, marker)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        part = marker.with_suffix(".json.tmp")
+        part.write_text(manifest.to_json())
+        os.replace(part, marker)
     finally:
         if bar:
             bar.close()

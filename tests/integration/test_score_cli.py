@@ -125,4 +125,22 @@ def test_score_main_bad_input_returns_2(setup, tmp_path, capsys, change, needle)
 def test_score_needs_a_model(setup, capsys):
     base, _, _, _ = setup
     assert score.main(["--images", str(base / "images"), "--prompts", str(base / "prompts.txt")]) == 2
-    assert "--hpsv2-reward-model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--hpsv2-reward-model" in err and err.count("dmdr score") == 1  # the prefix once, not twice
+
+
+def test_score_report_lands_beside_the_images_not_in_the_working_dir(setup, tmp_path, monkeypatch, capsys):
+    base, tiny, _, _ = setup
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for png in (base / "images").iterdir():
+        (images / png.name).write_bytes(png.read_bytes())
+    args = _args(base, tiny)
+    args[args.index("--images") + 1] = str(images)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert score.main(args) == 0
+    assert json.loads((images / "scores.json").read_text())["count"] == 4
+    assert list(cwd.iterdir()) == []
+    assert f"wrote {images / 'scores.json'}" in capsys.readouterr().out

@@ -72,14 +72,15 @@ def test_concurrent_pulls_download_once(run, moto, tmp_path):
     assert marker.stat().st_mtime_ns == mtime  # already there: nothing downloaded or rewritten
 
 
-def test_pull_only_lora_writes_no_marker(run, moto, tmp_path):
+def test_pull_only_lora_writes_its_own_marker_not_a_checkpoint(run, moto, tmp_path):
     _, uri = run
     dest = tmp_path / "dest"
     run_pull(_cli("pull", uri, "--step", "5", "--only", "lora", "--dest", str(dest),
                   "--s3-endpoint-url", moto.endpoint))
-    pulled = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and p.suffix != ".lock")
+    pulled = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
     assert pulled == ["checkpoints/lora_gen/step-5/adapter_model.safetensors",
-                      "checkpoints/lora_gui/step-5/adapter_model.safetensors"]
+                      "checkpoints/lora_gui/step-5/adapter_model.safetensors",
+                      "checkpoints/step-5.lora.json"]  # no lock file left, no complete marker
 
 
 def test_corrupt_object_is_detected_and_nothing_is_placed(run, moto, bucket, tmp_path):
@@ -91,7 +92,7 @@ def test_corrupt_object_is_detected_and_nothing_is_placed(run, moto, bucket, tmp
     with pytest.raises(UserError, match=f"Checksum mismatch for s3://{bucket}/{key}"):
         download_checkpoint(uri, 10, dest, cfg=StorageConfig(s3_uri=uri, endpoint_url=moto.endpoint))
     assert not (dest / "checkpoints").exists()
-    assert [p.name for p in dest.iterdir()] == [".dmdr-pull.lock"]  # temp folder cleaned up too
+    assert [p.name for p in dest.iterdir()] == []  # temp folder and lock file cleaned up too
 
 
 def test_pull_bad_step_and_empty_run(run, moto, bucket, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from dmdr import config
 
 HEAVY = ("torch", "numpy", "boto3", "botocore", "s3transfer", "diffusers", "transformers", "open_clip",
-         "huggingface_hub", "accelerate", "PIL")
+         "huggingface_hub", "accelerate", "PIL", "matplotlib")
 
 
 def run(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 600):

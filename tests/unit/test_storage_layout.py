@@ -57,9 +57,59 @@ def test_only_groups():
     lora = "checkpoints/lora_gui/step-1/adapter_model.safetensors"
     assert in_group(gen, "generator") and not in_group(lora, "generator")
     assert in_group(lora, "lora") and not in_group(gen, "lora")
+    assert in_group("checkpoints/lora_gen/step-1/adapter_model.safetensors", "generator")
+    assert in_group("checkpoints/accelerator_1/step-1/sharded/__0_0.distcp", "generator")  # FSDP: weights inside
     assert in_group("checkpoints/torch_units/step-1.pt", "all")
     with pytest.raises(UserError, match="--only"):
         in_group(gen, "weights")
+
+
+def test_only_generator_leaves_out_what_only_a_resume_needs():
+    for rel in ("accelerator_1/step-1/optimizer.bin", "accelerator_1/step-1/scheduler.bin",
+                "accelerator_1/step-1/random_states_0.pkl", "accelerator_2/step-1/optimizer.bin",
+                "torch_units/step-1.pt", "lora_gui/step-1/adapter_model.safetensors"):
+        assert not in_group(f"checkpoints/{rel}", "generator"), rel
+
+
+def test_a_partial_pull_has_its_own_marker_that_resume_ignores(tmp_path):
+    from dmdr.checkpoint import complete_steps
+    from dmdr.storage.layout import pulled_marker_rel, pulled_subset_steps
+
+    assert pulled_marker_rel(4, "all") == marker_rel(4)
+    (tmp_path / "checkpoints").mkdir()
+    for step, only in ((4, "generator"), (6, "lora"), (8, "all")):
+        (tmp_path / pulled_marker_rel(step, only)).write_text("{}")
+    assert pulled_subset_steps(tmp_path / "checkpoints", "generator") == [4]
+    assert pulled_subset_steps(tmp_path / "checkpoints", "lora") == [6]
+    assert complete_steps(tmp_path / "checkpoints") == [8]
+
+
+def test_a_removed_lock_file_still_excludes(tmp_path):
+    """Processes taking a lock that is deleted on release never hold it at the same time."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_locked_increments, args=(tmp_path,)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    assert (tmp_path / "count").read_text() == "100"  # a lost update would mean two holders
+    assert not (tmp_path / "x.lock").exists()
+
+
+def _locked_increments(folder):
+    import time
+
+    from dmdr.storage.hashio import file_lock
+
+    for _ in range(25):
+        with file_lock(folder / "x.lock", remove=True):
+            count = folder / "count"
+            value = int(count.read_text()) if count.exists() else 0
+            time.sleep(0.001)
+            count.write_text(str(value + 1))
 
 
 def test_local_marker_roundtrip_and_errors(tmp_path):
