@@ -147,14 +147,14 @@ def _structural(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = {key: _structural(value) for key, value in schema.items()
-           if not key.startswith("x-kubernetes-") and key not in ("nullable", "format")}
+           if not key.startswith("x-kubernetes-") and key not in ("nullable", "format", "properties")}
+    if "properties" in schema:  # property names are not keywords; each child converted once
+        out["properties"] = {k: _structural(v) for k, v in schema["properties"].items()}
     if schema.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
     if (out.get("type") == "object" and "properties" in out
             and not schema.get("x-kubernetes-preserve-unknown-fields")):
         out.setdefault("additionalProperties", False)
-    if "properties" in schema:
-        out["properties"] = {k: _structural(v) for k, v in schema["properties"].items()}
     if schema.get("x-kubernetes-list-type") == "map":
         out["x-kubernetes-list-type"] = "map"
         out["x-kubernetes-list-map-keys"] = schema["x-kubernetes-list-map-keys"]
@@ -303,9 +303,18 @@ def local_replicas(objects: list[dict[str, Any]], root: Path,
 
 
 def _local_pod(job, rtype, index, root, configmaps, secrets, host, job_name) -> LocalReplica:
-    pod_name = f"{job_name}-{rtype.lower()}-{index}"
     spec = operator_pod_spec(job, rtype, index)
-    container = next(c for c in spec["containers"] if c["name"] == "pytorch")
+    hosts = {f"{job_name}-master-0": host, f"{job_name}-worker-0": host}
+    return local_pod(f"{job_name}-{rtype.lower()}-{index}", spec, "pytorch", root, configmaps,
+                     secrets, hosts)
+
+
+def local_pod(pod_name: str, spec: dict[str, Any], container_name: str, root: Path,
+              configmaps: dict[str, dict[str, str]], secrets: dict[str, dict[str, str]],
+              hosts: dict[str, str]) -> LocalReplica:
+    """One pod spec (as its controller creates it) as a local process under root/<pod_name>/:
+    each mount a folder, `hosts` (DNS name -> address) replaced in env values."""
+    container = next(c for c in spec["containers"] if c["name"] == container_name)
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     mounts: dict[str, Path] = {}
     # Parents first, so a mount inside another (/home/dmdr/.cache in /home/dmdr) becomes the
@@ -327,8 +336,8 @@ def _local_pod(job, rtype, index, root, configmaps, secrets, host, job_name) -> 
     for item in container.get("env", []):  # in order: a later duplicate wins, as in a pod
         if "value" in item:
             value = str(item["value"])
-            for pod in (f"{job_name}-master-0", f"{job_name}-worker-0"):  # pod DNS -> host
-                value = value.replace(pod, host)
+            for name, address in hosts.items():  # pod DNS -> host
+                value = value.replace(name, address)
             env[item["name"]] = _rewrite(value, mounts)
         else:
             ref = item["valueFrom"]["secretKeyRef"]
