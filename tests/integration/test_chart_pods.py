@@ -87,8 +87,8 @@ class Pod:
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(tree, timeout=30)
-        self.proc.wait(timeout=30)
+        self.proc.wait(timeout=30)  # reaped by Popen first, so its returncode stays -9 (not 0)
+        psutil.wait_procs(tree[1:], timeout=30)
 
     def reschedule(self) -> None:
         """The pod comes back on another node: its emptyDir outputs are empty."""
