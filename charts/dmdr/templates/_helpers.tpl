@@ -90,6 +90,11 @@ app.kubernetes.io/part-of: dmdr
 {{- end }}
 {{- end }}
 
+{{/* "true" for an elastic PyTorchJob (the other launchers' rendezvous is static). */}}
+{{- define "dmdr.elastic" -}}
+{{- if and .Values.elastic.enabled (eq .Values.launcher "pytorchjob") }}true{{ end }}
+{{- end }}
+
 {{/* "true" when checkpoints outlive the pod: S3 or an existing PVC for the outputs. */}}
 {{- define "dmdr.durableOutputs" -}}
 {{- if or .Values.storage.s3.uri .Values.storage.outputs.existingClaim }}true{{ end }}

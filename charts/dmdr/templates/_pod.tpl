@@ -1,9 +1,13 @@
 {{/*
-The pod template shared by the Master and Worker replicas. The training operator adds the
-rendezvous environment (PET_*, MASTER_ADDR/PORT, WORLD_SIZE, RANK) to every container; torchrun reads the PET_* variables itself, so the command names none of them.
+The pod template shared by every launcher's pods. The controller adds the rendezvous
+environment (PET_*, plus MASTER_ADDR/PORT, WORLD_SIZE, RANK from the training operator);
+torchrun reads the PET_* variables itself, so the command names none of them. The trainer
+container is named for PyTorchJob ("pytorch"); a launcher whose controller looks for another
+name passes it as .container (Trainer v2: "node"), e.g. (merge (dict "container" "node") $).
 */}}
 {{- define "dmdr.podTemplate" -}}
 {{- $v := .Values -}}
+{{- $container := .container | default "pytorch" -}}
 metadata:
   labels:
     {{- include "dmdr.labels" . | nindent 4 }}
@@ -11,7 +15,7 @@ metadata:
     {{- toYaml . | nindent 4 }}
     {{- end }}
   annotations:
-    kubectl.kubernetes.io/default-container: pytorch
+    kubectl.kubernetes.io/default-container: {{ $container }}
     {{- with $v.podAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -74,7 +78,7 @@ spec:
     {{- toYaml . | nindent 4 }}
   {{- end }}
   containers:
-    - name: pytorch
+    - name: {{ $container }}
       image: {{ include "dmdr.image" . | quote }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
       # torchrun, but a SIGTERM-driven stop exits 143 (torchrun alone exits 1, which
@@ -111,11 +115,13 @@ spec:
         {{- range $v.training.extraArgs }}
         - {{ . | quote }}
         {{- end }}
+      {{- if eq $container "pytorch" }}
       ports:
         # The operator builds MASTER_PORT / PET_RDZV_ENDPOINT from the port with this name.
         - name: pytorchjob-port
           containerPort: {{ $v.distributed.port }}
           protocol: TCP
+      {{- end }}
       {{- with $v.envFrom }}
       envFrom:
         {{- toYaml . | nindent 8 }}
@@ -214,7 +220,7 @@ spec:
   value: /home/dmdr/.cache/triton
 - name: TORCHINDUCTOR_CACHE_DIR
   value: /home/dmdr/.cache/torchinductor
-{{- if $v.elastic.enabled }}
+{{- if include "dmdr.elastic" . }}
 {{- /* torchrun shares its rendezvous TCP store across rounds by default: a replaced pod's
        agent then joins a later round and waits forever for a master address that the
        surviving rank-0 agent never republishes. One store per round avoids the hang. */}}

@@ -1,6 +1,6 @@
 {{/*
 Checks that values.schema.json cannot express: combinations of values. Each failure is one
-sentence naming the values involved and the fix. Included once, from pytorchjob.yaml.
+sentence naming the values involved and the fix. Included once, from the launcher's template.
 */}}
 {{- define "dmdr.validate" -}}
 {{- $v := .Values }}
@@ -19,7 +19,7 @@ sentence naming the values involved and the fix. Included once, from pytorchjob.
 {{- fail (printf "the PyTorchJob would be named %q, but the training operator names Services after it and they must start with a letter: choose a release name that starts with a letter, or set fullnameOverride" $job) }}
 {{- end }}
 
-{{- if $v.elastic.enabled }}
+{{- if include "dmdr.elastic" . }}
 {{- $min := int $v.elastic.minReplicas }}
 {{- $max := int $v.elastic.maxReplicas }}
 {{- if lt $max $min }}
@@ -105,7 +105,7 @@ sentence naming the values involved and the fix. Included once, from pytorchjob.
 {{- if and $create.enabled $v.storage.cache.existingClaim }}
 {{- fail "storage.cache.create.enabled and storage.cache.existingClaim are both set: use one of them" }}
 {{- end }}
-{{- $maxPods := ternary (int $v.elastic.maxReplicas) $replicas $v.elastic.enabled }}
+{{- $maxPods := ternary (int $v.elastic.maxReplicas) $replicas (eq (include "dmdr.elastic" .) "true") }}
 {{- if and $create.enabled (eq $create.accessMode "ReadWriteOnce") (gt $maxPods 1) }}
 {{- fail (printf "storage.cache.create.accessMode=ReadWriteOnce cannot be mounted by %d pods on different nodes: use ReadWriteMany, or drop the PVC (an emptyDir per pod)" $maxPods) }}
 {{- end }}
