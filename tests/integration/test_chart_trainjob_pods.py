@@ -1,0 +1,97 @@
+"""launcher=trainjob: the chart's TrainJob pods as local processes, restarted as JobSet does.
+
+The cpu-tiny values as a TrainJob on the chart's TrainingRuntime, S3 on a moto server. Each
+node pod gets exactly the pod spec Kubeflow Trainer and JobSet build from the rendered objects
+(helpers_trainjob.local_nodes: the container "node", the torch plugin's PET_* env, a static
+torchrun rendezvous on node 0's hostname, its port a free one per attempt as a new pod has a
+new address). The pods train the tiny preset as 2 pods x 2 processes, checkpointing to S3;
+once a checkpoint is in S3 node 1 is SIGKILLed (a node lost). The pods are then supervised as
+the Job controller and the JobSet controller do for the rendered failure policy
+(helpers_jobset_sim.JobSetRun: the failed pod fails its Job, every pod is deleted and a new
+set of pods -- empty emptyDirs -- is created), and the run must finish from the last complete
+S3 checkpoint with every step in the S3 loss log exactly once.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+import helpers_helm as h
+import helpers_trainjob as tj
+from helpers_jobset_sim import JobSetRun
+from helpers_s3 import ACCESS_KEY, SECRET_KEY, bucket, free_port, moto, s3_env, wait_for  # noqa: F401 (fixtures)
+from test_chart_pods import BATCH, CKPT_STEPS, MAX_STEPS, PROCS, REPLICAS, SECRET, Pod, tiny_model, _latest, _object  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+GRACE = 30  # terminationGracePeriodSeconds: the kubelet's SIGKILL for pods deleted by a restart
+FIRST_CKPT_TIMEOUT = 300
+RUN_TIMEOUT = 300
+
+
+def _values(moto, bucket: str) -> dict:
+    values = h.values_file(h.CHART_DIR / "ci" / "cpu-tiny-values.yaml")
+    values.update(launcher="trainjob", trainjob={"runtime": {"create": True}, "maxRestarts": 3})
+    values["job"]["terminationGracePeriodSeconds"] = GRACE
+    values["storage"]["s3"].update(uri=f"s3://{bucket}/runs", endpointUrl=moto.endpoint,
+                                   credentials={"existingSecret": SECRET})
+    values["training"]["overrides"].update(max_train_steps=MAX_STEPS, checkpoint_steps=CKPT_STEPS,
+                                           sample_steps=1000, sync_interval=1)
+    return values
+
+
+def test_trainjob_pods_restart_as_a_set_and_resume_from_s3(tmp_path, moto, bucket, tiny_model):
+    objects = h.render_objects(_values(moto, bucket))
+    runtime = h.the(objects, "TrainingRuntime")["spec"]["template"]["spec"]
+    secrets = {SECRET: {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def make_pods(attempt: int) -> list[Pod]:
+        """A new attempt's pods: new names, new (empty) volumes, a new master address."""
+        nodes = tj.local_nodes(objects, tmp_path / "pods", secrets, port=free_port(), attempt=attempt)
+        for node in nodes:
+            assert node.env["PET_NNODES"] == str(REPLICAS) and node.env["PET_NPROC_PER_NODE"] == str(PROCS)
+            assert node.env["PET_MASTER_ADDR"] == "127.0.0.1" and "PET_RDZV_ENDPOINT" not in node.env
+            assert not any((node.mounts["/workspace/outputs"]).iterdir())  # a new pod: empty disk
+            # the cache volume pre-warmed with the tiny model, as a cache PVC would hold it
+            shutil.copytree(tiny_model, node.mounts["/home/dmdr/.cache"] / "dmdr" / tiny_model.name)
+        assert [n.env["PET_NODE_RANK"] for n in nodes] == ["0", "1"]
+        return [Pod(node, logs) for node in nodes]
+
+    run = JobSetRun(make_pods, max_restarts=runtime["failurePolicy"]["maxRestarts"], grace=GRACE)
+    try:
+        run.start()
+        committed = wait_for(lambda: run.step() is None and _latest(moto, bucket),
+                             timeout=FIRST_CKPT_TIMEOUT, interval=0.2, what="a checkpoint in S3")
+        assert committed >= CKPT_STEPS and run.restarts == 0
+        run.pods[1].kill()  # node 1 lost: no SIGTERM, no flush
+        newest = _latest(moto, bucket)
+        outcome = run.run(RUN_TIMEOUT, describe=lambda: "\n".join(
+            f"--- {p.name}\n{p.output()[-3000:]}" for p in run.pods))
+    finally:
+        run.stop()
+
+    output = "".join(p.output() for pods in run.attempts for p in pods)
+    assert SECRET_KEY not in output
+    assert outcome.state == "Completed", (outcome, output[-6000:])
+    # one restart of the whole set, caused by the lost node (SIGKILL: 137)
+    assert outcome.restarts == 1 and (run.attempts[0][1].name, 137) in outcome.failures
+    assert len(run.attempts) == 2 and all(p.starts == 1 for pods in run.attempts for p in pods)
+    log = _object(moto, bucket, "log.txt").decode()
+    world = REPLICAS * PROCS
+    line = f"{world} processes x batch {BATCH} x accumulation 1 = {world * BATCH} prompts per step"
+    assert log.count(line) >= 2, log[-5000:]
+    resumed = [int(s) for s in re.findall(r"resumed from \S+/step-(\d+): generator step", log)]
+    assert resumed and resumed[0] >= newest >= committed, (resumed, newest, committed)
+    # every pod of the new set started on an empty disk: node 0 pulled the weights from S3
+    pulled = run.pods[0].outputs / "run" / "checkpoints" / "accelerator_1" / f"step-{resumed[0]}"
+    assert (pulled / "model.safetensors").is_file()
+    assert _latest(moto, bucket) == MAX_STEPS
+    manifest = json.loads(_object(moto, bucket, f"checkpoints/step-{MAX_STEPS}.complete.json"))
+    assert manifest["world_size"] == world and manifest["num_nodes"] == REPLICAS
+    rows = _object(moto, bucket, "loss_logs/loss_gen_log.jsonl").decode().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == list(range(1, MAX_STEPS + 1))
