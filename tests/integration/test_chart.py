@@ -433,7 +433,7 @@ def test_example_objects_are_valid_and_hold_no_secret_values():
         text = path.read_text()
         assert not any(p in text for p in placeholders), path
         for obj in (d for d in yaml.safe_load_all(text) if d):
-            if obj["kind"] != "PyTorchJob":
+            if "." not in obj["apiVersion"].split("/")[0]:  # custom resources: their CRD tests
                 h.validate_k8s(obj)
 
 
