@@ -139,6 +139,20 @@ def test_the_chart_runtime_restarts_the_whole_set_and_fails_fast_on_a_bad_config
         "template"]["spec"]["template"]["spec"]["priorityClassName"] == "high"
 
 
+def test_volcano_gang_scheduling_through_the_runtime_pod_group_policy():
+    values = _values(True, gangScheduling={"enabled": True, "schedulerName": "volcano", "queue": "research"},
+                     priorityClassName="high")
+    objects = h.render_objects(values)
+    runtime, job = h.the(objects, "TrainingRuntime"), h.the(objects, "TrainJob")
+    assert runtime["spec"]["podGroupPolicy"] == {"volcano": {}}
+    assert job["metadata"]["annotations"]["scheduling.volcano.sh/queue-name"] == "research"
+    spec = tj.node_pod(objects, 0)["spec"]
+    assert spec["schedulerName"] == "volcano" and spec["priorityClassName"] == "high"
+    if tj.TRAINJOB_CRD.exists():
+        assert not tj.trainjob_errors(runtime) and not tj.trainjob_errors(job)
+    assert "podGroupPolicy" not in h.the(h.render_objects(_values(True)), "TrainingRuntime")["spec"]
+
+
 def test_the_cluster_runtime_gets_the_pod_settings_as_runtime_patches():
     values = _values(False, nodeSelector={"pool": "gpu"},
                      tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -180,8 +194,16 @@ def test_pytorchjob_only_values_do_not_get_in_the_way():
 
 
 @pytest.mark.parametrize("values, expected", [
-    pytest.param(_values(False, gangScheduling={"enabled": True}), "with launcher=trainjob use kueue.queueName",
-                 id="gang"),
+    pytest.param(_values(False, gangScheduling={"enabled": True, "schedulerName": "volcano"}),
+                 "set trainjob.runtime.create=true (the chart's runtime then has podGroupPolicy.volcano)",
+                 id="gang-cluster-runtime"),
+    pytest.param(_values(True, gangScheduling={"enabled": True, "schedulerName": "default-scheduler"}),
+                 "set gangScheduling.schedulerName=volcano", id="gang-not-volcano"),
+    pytest.param(_values(True, gangScheduling={"enabled": True, "schedulerName": "volcano", "minAvailable": 2}),
+                 "Trainer's PodGroup always holds every pod", id="gang-min-available"),
+    pytest.param(_values(True, gangScheduling={"enabled": True, "schedulerName": "volcano",
+                                               "priorityClass": "high"}),
+                 "the PodGroup takes the pods' priorityClassName", id="gang-priority-class"),
     pytest.param(_values(False, priorityClassName="high"),
                  "priorityClassName cannot be passed to the ClusterTrainingRuntime torch-distributed",
                  id="priority-class"),

@@ -17,8 +17,21 @@ What the default runtime (runtimePatches) cannot express, and what runtime.creat
 */}}
 {{- define "dmdr.validateTrainJob" -}}
 {{- $v := .Values }}
-{{- if $v.gangScheduling.enabled }}
-{{- fail "gangScheduling is the PyTorchJob's schedulingPolicy: with launcher=trainjob use kueue.queueName, or a runtime with a podGroupPolicy (trainjob.runtime.name)" }}
+{{- with $v.gangScheduling }}
+{{- if .enabled }}
+{{- if not $v.trainjob.runtime.create }}
+{{- fail (printf "gangScheduling with launcher=trainjob is the runtime's podGroupPolicy: set trainjob.runtime.create=true (the chart's runtime then has podGroupPolicy.volcano), or drop it and use a ClusterTrainingRuntime with one (trainjob.runtime.name=%s now)" $v.trainjob.runtime.name) }}
+{{- end }}
+{{- if ne .schedulerName "volcano" }}
+{{- fail "gangScheduling with launcher=trainjob uses Trainer's Volcano plugin: set gangScheduling.schedulerName=volcano" }}
+{{- end }}
+{{- if and .minAvailable (ne (int .minAvailable) (int $v.job.replicas)) }}
+{{- fail "gangScheduling.minAvailable: Trainer's PodGroup always holds every pod of the TrainJob (job.replicas); remove minAvailable" }}
+{{- end }}
+{{- if or .priorityClass .scheduleTimeoutSeconds }}
+{{- fail "gangScheduling.priorityClass / scheduleTimeoutSeconds have no place in Trainer's Volcano PodGroup: remove them (the PodGroup takes the pods' priorityClassName)" }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if $v.trainjob.runtime.create }}
 {{- if not (include "dmdr.durableOutputs" .) }}
