@@ -3,7 +3,7 @@
 For pods with restartPolicy Never, a Job with backoffLimit 0 and a podFailurePolicy rule
 FailJob on the trainer's exit code 2 (a bad config), and a JobSet failurePolicy of maxRestarts
 with one rule FailJobSet for Jobs that failed with reason PodFailurePolicy (restartStrategy
-Recreate, the default) -- what the chart's TrainingRuntime renders -- this follows:
+BlockingRecreate) -- what the chart's TrainingRuntime renders -- this follows:
 
 - kubernetes/kubernetes pkg/controller/job (job_controller.go, pod_failure_policy.go): a pod
   that ends non-zero (or is killed) is a failed pod; exit 2 matches the FailJob rule and the Job
@@ -13,10 +13,10 @@ Recreate, the default) -- what the chart's TrainingRuntime renders -- this follo
 - kubernetes-sigs/jobset pkg/controllers/failure_policy.go (`executeFailurePolicy`, the
   FailJobSet and RestartJobSet appliers): a failed Job matching the rule fails the JobSet; any
   other failure restarts it, or fails it (ReachedMaxRestarts) once the restarts that count
-  reach maxRestarts. jobset_controller.go: the Jobs of an older restart attempt are deleted
-  with background propagation (their pods get SIGTERM, and SIGKILL after the grace period,
-  from the kubelet) and the new attempt's Jobs are created right away: with Recreate (not
-  BlockingRecreate) the new pods may start while old ones still terminate.
+  reach maxRestarts. jobset_controller.go (`deleteJobs`, `constructJobsFromTemplate`): the
+  Jobs of the previous attempt are deleted with foreground propagation (their pods get
+  SIGTERM, and SIGKILL from the kubelet after the grace period) and, with BlockingRecreate,
+  no Job of the new attempt is created until every old Job and pod is gone.
 A pod deletion is SIGTERM to the container's PID 1, SIGKILL of its whole process tree after
 the grace period. Pods are any objects with `start()`, `kill()`, `name` and `proc` (a Popen),
 e.g. test_chart_pods.Pod; each attempt's pods are new pods (new emptyDirs, new addresses),
@@ -44,6 +44,18 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _until_finished(step: Callable[[], Outcome | None], timeout: float,
+                    describe: Callable[[], str]) -> Outcome:
+    """Reconcile every 0.2 s until the run has an outcome."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        outcome = step()
+        if outcome is not None:
+            return outcome
+        time.sleep(0.2)
+    raise AssertionError(f"the run did not finish in {timeout:.0f}s:\n{describe()}")
+
+
 class JobSetRun:
     """One replicated job's pods through restarts of the whole set (see the module doc)."""
 
@@ -55,6 +67,7 @@ class JobSetRun:
         self.failures: list[tuple[str, int]] = []
         self.attempts: list[list[Any]] = []
         self._terminating: list[tuple[Any, float]] = []
+        self._recreating = False
 
     @property
     def pods(self) -> list[Any]:
@@ -91,6 +104,11 @@ class JobSetRun:
     def step(self) -> Outcome | None:
         """One reconcile: the outcome once the JobSet finished, else None."""
         self._reap()
+        if self._recreating:
+            if not self._terminating:  # every pod of the previous attempt is gone
+                self._recreating = False
+                self.start()
+            return None
         codes = [pod.proc.poll() for pod in self.pods]
         failed = [(pod, exit_code(c)) for pod, c in zip(self.pods, codes) if c not in (None, 0)]
         if failed:
@@ -101,23 +119,18 @@ class JobSetRun:
             if self.restarts >= self.max_restarts:
                 return Outcome("Failed", "ReachedMaxRestarts", self.restarts, self.failures)
             self.restarts += 1
-            self.start()
+            self._recreating = True
             return None
         if all(c == 0 for c in codes):
             return Outcome("Completed", "AllJobsCompleted", self.restarts, self.failures)
         return None
 
     def run(self, timeout: float, describe: Callable[[], str] = lambda: "") -> Outcome:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            outcome = self.step()
-            if outcome is not None:
-                return outcome
-            time.sleep(0.2)
-        raise AssertionError(f"the JobSet did not finish in {timeout:.0f}s:\n{describe()}")
+        return _until_finished(self.step, timeout, describe)
 
     def stop(self) -> None:
         """Tear down: every pod of every attempt killed."""
         for pods in self.attempts:
             for pod in pods:
                 pod.kill()
+

@@ -144,23 +144,25 @@ def _resolve_field_refs(pod: dict[str, Any]) -> None:
                 item["value"] = index
 
 
-def local_nodes(objects: list[dict[str, Any]], root: Path, secrets: dict[str, dict[str, str]],
-                port: int, attempt: int = 0, host: str = "127.0.0.1") -> list[h.LocalReplica]:
-    """The TrainJob's node pods of one JobSet attempt as local processes under root/<pod>/.
-
-    Pod names stand in for JobSet's "<hostname>-<random>": a new attempt's pods are new pods
-    (new folders, so empty emptyDirs), and the master's port is `port` (a new pod IP each time).
-    """
+def local_node(objects: list[dict[str, Any]], index: int, root: Path,
+               secrets: dict[str, dict[str, str]], port: int, suffix: str,
+               host: str = "127.0.0.1") -> h.LocalReplica:
+    """Node pod `index` as a local process under root/<pod>/: the pod name stands in for
+    JobSet's "<hostname>-<random>" (a new suffix is a new pod: new folders, empty emptyDirs),
+    the master's DNS name is `host` and its port `port` (a new master pod has a new address)."""
     trainjob = h.the(objects, "TrainJob")
     configmaps = {cm["metadata"]["name"]: cm.get("data", {}) for cm in h.by_kind(objects, "ConfigMap")}
-    name = trainjob["metadata"]["name"]
-    nodes = []
-    for index in range(int(trainjob["spec"]["trainer"].get("numNodes", 1))):
-        pod = node_pod(objects, index)
-        _resolve_field_refs(pod)
-        container = next(c for c in pod["spec"]["containers"] if c["name"] == NODE)
-        container["env"] = _upsert(container["env"], [{"name": "PET_MASTER_PORT", "value": str(port)}])
-        pod_name = f"{name}-{NODE}-0-{index}-try{attempt}"
-        nodes.append(h.local_pod(pod_name, pod["spec"], NODE, root, configmaps, secrets,
-                                 {master_addr(trainjob): host}))
-    return nodes
+    pod = node_pod(objects, index)
+    _resolve_field_refs(pod)
+    container = next(c for c in pod["spec"]["containers"] if c["name"] == NODE)
+    container["env"] = _upsert(container["env"], [{"name": "PET_MASTER_PORT", "value": str(port)}])
+    pod_name = f"{trainjob['metadata']['name']}-{NODE}-0-{index}-{suffix}"
+    return h.local_pod(pod_name, pod["spec"], NODE, root, configmaps, secrets,
+                       {master_addr(trainjob): host})
+
+
+def local_nodes(objects: list[dict[str, Any]], root: Path, secrets: dict[str, dict[str, str]],
+                port: int, attempt: int = 0) -> list[h.LocalReplica]:
+    """Every node pod of one JobSet attempt (local_node, suffix try<attempt>)."""
+    nodes = int(h.the(objects, "TrainJob")["spec"]["trainer"].get("numNodes", 1))
+    return [local_node(objects, i, root, secrets, port, f"try{attempt}") for i in range(nodes)]

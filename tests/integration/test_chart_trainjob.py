@@ -121,6 +121,7 @@ def test_the_chart_runtime_restarts_the_whole_set_and_fails_fast_on_a_bad_config
     assert runtime["spec"]["mlPolicy"] == {"numNodes": 3, "torch": {}}
     jobset = runtime["spec"]["template"]["spec"]
     assert jobset["failurePolicy"]["maxRestarts"] == 7
+    assert jobset["failurePolicy"]["restartStrategy"] == "BlockingRecreate"  # old pods gone first
     assert jobset["failurePolicy"]["rules"] == [{"name": "FailOnBadConfig", "action": "FailJobSet",
                                                  "onJobFailureReasons": ["PodFailurePolicy"]}]
     [rjob] = jobset["replicatedJobs"]

@@ -6,10 +6,10 @@ node pod gets exactly the pod spec Kubeflow Trainer and JobSet build from the re
 torchrun rendezvous on node 0's hostname, its port a free one per attempt as a new pod has a
 new address). The pods train the tiny preset as 2 pods x 2 processes, checkpointing to S3;
 once a checkpoint is in S3 node 1 is SIGKILLed (a node lost). The pods are then supervised as
-the Job controller and the JobSet controller do for the rendered failure policy
-(helpers_jobset_sim.JobSetRun: the failed pod fails its Job, every pod is deleted and a new
-set of pods -- empty emptyDirs -- is created), and the run must finish from the last complete
-S3 checkpoint with every step in the S3 loss log exactly once.
+the Job and JobSet controllers do for the rendered failure policy (helpers_jobset_sim.JobSetRun:
+the failed pod fails its Job, every pod is deleted, and once all are gone a new set of pods --
+empty emptyDirs, node 0 at a new address -- is created); the run must finish from the last
+complete S3 checkpoint with every step in the S3 loss log exactly once.
 """
 from __future__ import annotations
 
@@ -45,51 +45,58 @@ def _values(moto, bucket: str) -> dict:
 
 def test_trainjob_pods_restart_as_a_set_and_resume_from_s3(tmp_path, moto, bucket, tiny_model):
     objects = h.render_objects(_values(moto, bucket))
-    runtime = h.the(objects, "TrainingRuntime")["spec"]["template"]["spec"]
     secrets = {SECRET: {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}}
     logs = tmp_path / "logs"
     logs.mkdir()
 
-    def make_pods(attempt: int) -> list[Pod]:
-        """A new attempt's pods: new names, new (empty) volumes, a new master address."""
-        nodes = tj.local_nodes(objects, tmp_path / "pods", secrets, port=free_port(), attempt=attempt)
-        for node in nodes:
+    def attempt(number: int) -> list[Pod]:
+        """A new attempt's pods: new names, new (empty) volumes, node 0 at a new address."""
+        port = free_port()
+        pods = []
+        for index in range(REPLICAS):
+            node = tj.local_node(objects, index, tmp_path / "pods", secrets, port, f"try{number}")
             assert node.env["PET_NNODES"] == str(REPLICAS) and node.env["PET_NPROC_PER_NODE"] == str(PROCS)
-            assert node.env["PET_MASTER_ADDR"] == "127.0.0.1" and "PET_RDZV_ENDPOINT" not in node.env
-            assert not any((node.mounts["/workspace/outputs"]).iterdir())  # a new pod: empty disk
+            assert node.env["PET_NODE_RANK"] == str(index) and node.env["PET_MASTER_ADDR"] == "127.0.0.1"
+            assert "PET_RDZV_ENDPOINT" not in node.env  # static rendezvous on node 0
+            assert not any(node.mounts["/workspace/outputs"].iterdir())
             # the cache volume pre-warmed with the tiny model, as a cache PVC would hold it
             shutil.copytree(tiny_model, node.mounts["/home/dmdr/.cache"] / "dmdr" / tiny_model.name)
-        assert [n.env["PET_NODE_RANK"] for n in nodes] == ["0", "1"]
-        return [Pod(node, logs) for node in nodes]
+            pods.append(Pod(node, logs))
+        return pods
 
-    run = JobSetRun(make_pods, max_restarts=runtime["failurePolicy"]["maxRestarts"], grace=GRACE)
+    policy = h.the(objects, "TrainingRuntime")["spec"]["template"]["spec"]["failurePolicy"]
+    assert policy["restartStrategy"] == "BlockingRecreate"
+    run = JobSetRun(attempt, max_restarts=policy["maxRestarts"], grace=GRACE)
     try:
         run.start()
         committed = wait_for(lambda: run.step() is None and _latest(moto, bucket),
                              timeout=FIRST_CKPT_TIMEOUT, interval=0.2, what="a checkpoint in S3")
-        assert committed >= CKPT_STEPS and run.restarts == 0
-        run.pods[1].kill()  # node 1 lost: no SIGTERM, no flush
+        assert run.restarts == 0
+        lost = run.pods[1]
+        lost.kill()  # node 1 lost: no SIGTERM, no flush; its Job fails
         newest = _latest(moto, bucket)
         outcome = run.run(RUN_TIMEOUT, describe=lambda: "\n".join(
             f"--- {p.name}\n{p.output()[-3000:]}" for p in run.pods))
     finally:
         run.stop()
 
-    output = "".join(p.output() for pods in run.attempts for p in pods)
+    everyone = [p for pods in run.attempts for p in pods]
+    output = "".join(p.output() for p in everyone)
     assert SECRET_KEY not in output
     assert outcome.state == "Completed", (outcome, output[-6000:])
-    # one restart of the whole set, caused by the lost node (SIGKILL: 137)
-    assert outcome.restarts == 1 and (run.attempts[0][1].name, 137) in outcome.failures
-    assert len(run.attempts) == 2 and all(p.starts == 1 for pods in run.attempts for p in pods)
+    assert (lost.name, 137) in outcome.failures
+    # one restart of the whole set: two new pods, each started once
+    assert outcome.restarts == 1 and len(run.attempts) == 2
+    assert all(p.starts == 1 for p in everyone)
     log = _object(moto, bucket, "log.txt").decode()
     world = REPLICAS * PROCS
     line = f"{world} processes x batch {BATCH} x accumulation 1 = {world * BATCH} prompts per step"
     assert log.count(line) >= 2, log[-5000:]
     resumed = [int(s) for s in re.findall(r"resumed from \S+/step-(\d+): generator step", log)]
-    assert resumed and resumed[0] >= newest >= committed, (resumed, newest, committed)
-    # every pod of the new set started on an empty disk: node 0 pulled the weights from S3
-    pulled = run.pods[0].outputs / "run" / "checkpoints" / "accelerator_1" / f"step-{resumed[0]}"
-    assert (pulled / "model.safetensors").is_file()
+    assert resumed and resumed[0] >= newest >= committed >= CKPT_STEPS, (resumed, newest, committed)
+    # node 1 is a new pod on an empty disk: it pulled the weights from S3
+    pulled = run.pods[1].outputs / "run" / "checkpoints" / "accelerator_1" / f"step-{resumed[0]}"
+    assert (pulled / "model.safetensors").is_file() and (pulled / "random_states_0.pkl").is_file()
     assert _latest(moto, bucket) == MAX_STEPS
     manifest = json.loads(_object(moto, bucket, f"checkpoints/step-{MAX_STEPS}.complete.json"))
     assert manifest["world_size"] == world and manifest["num_nodes"] == REPLICAS
