@@ -38,7 +38,7 @@ What the default runtime (runtimePatches) cannot express, and what runtime.creat
 {{- fail "trainjob.runtime.create recreates every pod when one fails, which deletes their emptyDir outputs and every checkpoint with them: set storage.s3.uri or storage.outputs.existingClaim" }}
 {{- end }}
 {{- else }}
-{{- range $key := list "priorityClassName" "topologySpreadConstraints" }}
+{{- range $key := list "priorityClassName" "schedulerName" "runtimeClassName" "hostNetwork" "topologySpreadConstraints" "envFrom" "initContainers" "extraContainers" }}
 {{- if get $v $key }}
 {{- fail (printf "%s cannot be passed to the ClusterTrainingRuntime %s (TrainJob runtimePatches have no such field): set trainjob.runtime.create=true so the chart renders the runtime, or remove it" $key $v.trainjob.runtime.name) }}
 {{- end }}
