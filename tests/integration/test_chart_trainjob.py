@@ -8,6 +8,7 @@ render-time refusals of what a TrainJob cannot carry.
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 import yaml
@@ -55,6 +56,16 @@ def test_objects_validate_against_the_crds_and_the_pod_schema(create):
             h.validate_k8s(obj)
     for index in range(3):
         h.validate_k8s(h.as_pod(tj.node_pod(objects, index), f"run-dmdr-node-0-{index}-abcde"))
+
+
+def test_deep_crd_schemas_convert_in_linear_time():
+    """The TrainJob CRD nests pod specs in runtime patches: converting each schema node once
+    takes well under a second (converting 'properties' twice per level took ~50 s)."""
+    _need_crds()
+    crd = yaml.load(tj.TRAINJOB_CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    started = time.monotonic()
+    h._structural(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    assert time.monotonic() - started < 10
 
 
 def test_crd_validation_bites():
@@ -279,3 +290,17 @@ def test_jobset_driver_follows_the_failure_policy(codes, state, reason, restarts
         run.stop()
     assert (outcome.state, outcome.reason, outcome.restarts) == (state, reason, restarts)
     assert len(run.attempts) == restarts + 1
+
+
+def test_a_killed_pod_reports_exit_137_not_success(tmp_path):
+    """The driver tells a lost pod from a finished one by its exit status: Pod.kill (SIGKILL of
+    the whole tree) must leave the agent's status at -9, i.e. 137 in Kubernetes' terms."""
+    from helpers_jobset_sim import exit_code
+    from test_chart_pods import Pod
+
+    replica = h.LocalReplica("p", ["sleep", "30"], {"PATH": "/usr/bin:/bin"},
+                             {"/home/dmdr": tmp_path, "/workspace/outputs": tmp_path})
+    pod = Pod(replica, tmp_path)
+    pod.start()
+    pod.kill()
+    assert exit_code(pod.proc.returncode) == 137
