@@ -34,9 +34,9 @@ test: venv ## run every test (slow ones included, as CI does)
 test-fast: venv ## unit tests only
 	$(PY) -m pytest -m "not slow" tests/unit $(PYTEST_ARGS)
 
-demo: venv ## train the tiny preset on CPU and print where the outputs are
+demo: venv ## the two training stages (cold start, DMD + ReFL) on the tiny model, on CPU
 	rm -rf $(DEMO_DIR)/demo
-	$(VENV)/bin/dmdr train --preset tiny --output-dir $(DEMO_DIR) --exp-name demo
+	$(VENV)/bin/dmdr demo --output-dir $(DEMO_DIR) --exp-name demo
 
 bench: venv ## step benchmark of the tiny preset (CPU) or SDXL-size UNet (GPU)
 	$(PY) tests/bench/bench_step.py

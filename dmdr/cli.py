@@ -1,4 +1,4 @@
-"""The ``dmdr`` command: train, sample, export, score, plot (and storage/weights commands as they land)."""
+"""The ``dmdr`` command: train, sample, export, score, plot, demo (and storage/weights commands as they land)."""
 from __future__ import annotations
 
 import argparse
@@ -75,7 +75,7 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line. It imports only light modules (no torch, numpy or boto3): each
     command imports what it needs when it runs, so `dmdr --help` answers at once."""
-    from dmdr import config, plot, score, weights_cli
+    from dmdr import config, demo, plot, score, weights_cli
     from dmdr.storage import cli as storage_cli
 
     parser = argparse.ArgumentParser(prog="dmdr", description="DMDR: one-step SDXL distillation with rewards.")
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     score.add_parser(sub)
     plot.add_parser(sub)
+    demo.add_parser(sub)
     storage_cli.add_parsers(sub)
     sub.choices["ls"].set_defaults(func=storage_cli.run_ls)
     sub.choices["pull"].set_defaults(func=storage_cli.run_pull)
