@@ -44,6 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UserError(f"--steps {args.steps}: must be at least 1")
+    start = time.monotonic()
     root = Path(args.output_dir) / args.exp_name
     runs = {name: root / name for name in STAGES}
     for path in runs.values():
@@ -73,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
     }
     titles = {"cold-start": "stage 1/2: cold start, DMD only",
               "refl": "stage 2/2: DMD + ReFL (tiny CLIP and HPS rewards) from stage 1's last checkpoint"}
-    start = time.monotonic()
     for i, name in enumerate(STAGES, 1):
         print(f"== {titles[name]}: {runs[name]}", flush=True)
         status = _train(common + stage_args[name])
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
 def next_commands(root: Path, run_dir: Path, prompts: Path, rewards: dict[str, Path]) -> list[str]:
     """The commands that use the demo's result, with its paths (quoted for a shell)."""
-    q = lambda p: shlex.quote(str(p))  # noqa: E731
+    q = _quote
     samples = root / "samples"
     return [
         f"dmdr sample --run {q(run_dir)} --prompts {q(prompts)} --out {q(samples)}",
@@ -100,6 +100,10 @@ def next_commands(root: Path, run_dir: Path, prompts: Path, rewards: dict[str, P
         f"dmdr export --run {q(run_dir)} --out {q(root / 'unet')}",
         f"dmdr plot --run {q(run_dir)}",
     ]
+
+
+def _quote(path: Path) -> str:
+    return shlex.quote(str(path))
 
 
 def _train(argv: list[str]) -> int:
