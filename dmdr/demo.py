@@ -51,13 +51,6 @@ def run(args: argparse.Namespace) -> int:
         if not args.overwrite and path.is_dir() and any(path.iterdir()):
             raise UserError(f"{path} already holds a demo run: add --overwrite to start over, "
                             "or choose another --output-dir / --exp-name")
-    from dmdr.data import SAMPLE_PROMPTS
-    from dmdr.models.tiny_clip import write_tiny_reward_checkpoints
-
-    rewards = write_tiny_reward_checkpoints(root / "rewards", seed=0)
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(SAMPLE_PROMPTS[:N_PROMPTS]) + "\n", encoding="utf-8")
-
     common = ["--preset", "tiny", "--output-dir", str(root), "--max-train-steps", str(args.steps)]
     every = str(math.ceil(args.steps / 2))  # a sample grid and a checkpoint halfway and at the end
     common += ["--sample-steps", every, "--checkpoint-steps", every]
@@ -65,28 +58,50 @@ def run(args: argparse.Namespace) -> int:
         common += ["--cache-dir", args.cache_dir]
     if args.overwrite:
         common.append("--overwrite")
-    stage_args = {
-        "cold-start": ["--exp-name", "cold-start", "--cold-start-iter", str(args.steps)],
-        "refl": ["--exp-name", "refl", "--init-ckpt", str(runs["cold-start"]), "--cold-start-iter", "0",
-                 "--clip-reward-model", str(rewards["clip"]), "--clip-reward-arch", str(rewards["config"]),
-                 "--hpsv2-reward-model", str(rewards["hps"]), "--hps-reward-arch", str(rewards["config"]),
-                 "--reward-clip-weight", "0.3", "--reward-hps-weight", "0.3", "--magic-prompt", "Realistic photo"],
-    }
-    titles = {"cold-start": "stage 1/2: cold start, DMD only",
-              "refl": "stage 2/2: DMD + ReFL (tiny CLIP and HPS rewards) from stage 1's last checkpoint"}
-    for i, name in enumerate(STAGES, 1):
-        print(f"== {titles[name]}: {runs[name]}", flush=True)
-        status = _train(common + stage_args[name])
-        if status != 0:
-            print(f"dmdr demo: stage {i} ({name}) exited with status {status}; its output is above and in "
-                  f"{runs[name] / 'log.txt'}", file=sys.stderr, flush=True)
-            return status
+
+    print(f"== stage 1/2: cold start, DMD only: {runs['cold-start']}", flush=True)
+    cold = _start(common + ["--exp-name", "cold-start", "--cold-start-iter", str(args.steps)])
+    try:  # while stage 1 starts in its own process: the two processes' imports overlap
+        rewards, prompts = _write_inputs(root)
+    except BaseException:
+        _stop(cold)
+        raise
+    if status := _wait(cold):
+        return _failed(1, runs["cold-start"], status)
+
+    print(f"== stage 2/2: DMD + ReFL (tiny CLIP and HPS rewards) from stage 1's last checkpoint: {runs['refl']}",
+          flush=True)
+    refl = _start(common + [
+        "--exp-name", "refl", "--init-ckpt", str(runs["cold-start"]), "--cold-start-iter", "0",
+        "--clip-reward-model", str(rewards["clip"]), "--clip-reward-arch", str(rewards["config"]),
+        "--hpsv2-reward-model", str(rewards["hps"]), "--hps-reward-arch", str(rewards["config"]),
+        "--reward-clip-weight", "0.3", "--reward-hps-weight", "0.3", "--magic-prompt", "Realistic photo"])
+    if status := _wait(refl):
+        return _failed(2, runs["refl"], status)
+
     print(f"== demo done in {time.monotonic() - start:.0f} s: stage 1 in {runs['cold-start']}, "
           f"stage 2 in {runs['refl']} (loss logs: {runs['refl'] / 'loss_logs'})")
     print("next:")
     for line in next_commands(root, runs["refl"], prompts, rewards):
         print("  " + line)
     return 0
+
+
+def _write_inputs(root: Path) -> tuple[dict[str, Path], Path]:
+    """The tiny reward models (real open_clip formats) and the prompt file of the next commands."""
+    from dmdr.data import SAMPLE_PROMPTS
+    from dmdr.models.tiny_clip import write_tiny_reward_checkpoints
+
+    rewards = write_tiny_reward_checkpoints(root / "rewards", seed=0)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(SAMPLE_PROMPTS[:N_PROMPTS]) + "\n", encoding="utf-8")
+    return rewards, prompts
+
+
+def _failed(stage: int, run_dir: Path, status: int) -> int:
+    print(f"dmdr demo: stage {stage} ({run_dir.name}) exited with status {status}; its output is above and in "
+          f"{run_dir / 'log.txt'}", file=sys.stderr, flush=True)
+    return status
 
 
 def next_commands(root: Path, run_dir: Path, prompts: Path, rewards: dict[str, Path]) -> list[str]:
@@ -106,15 +121,24 @@ def _quote(path: Path) -> str:
     return shlex.quote(str(path))
 
 
-def _train(argv: list[str]) -> int:
-    """`dmdr train ARGV` in a child process with the demo's environment; its exit status."""
+def _start(argv: list[str]) -> subprocess.Popen:
+    """`dmdr train ARGV` in a child process with the demo's environment."""
     env = {k: v for k, v in os.environ.items() if k not in LOCAL_ONLY}
     env.setdefault("OMP_NUM_THREADS", "1")  # the tiny model's small matmuls: several times faster on one thread
     env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    proc = subprocess.Popen([sys.executable, "-m", "dmdr", "train", *argv], env=env)
+    return subprocess.Popen([sys.executable, "-m", "dmdr", "train", *argv], env=env)
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    """The stage's exit status; on Ctrl-C it stops cleanly (it saves a checkpoint) before we exit."""
     try:
         return proc.wait()
-    except KeyboardInterrupt:  # let the stage stop cleanly (it saves a checkpoint) before we exit
+    except KeyboardInterrupt:
+        _stop(proc)
+        raise
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         proc.wait()
-        raise
