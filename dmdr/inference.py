@@ -53,7 +53,7 @@ def load_generator(cfg: TrainConfig, run_dir: Path, step: int, device: torch.dev
     unet = copy.deepcopy(parts.unet)
     ckpt = run_dir / "checkpoints"
     if cfg.use_lora_gen:
-        if cfg.sample_num_steps == 1 and cfg.xl_ode_pretrain_path:
+        if cfg.xl_ode_pretrain_path:
             sdxl.load_ode_init(unet, cfg.xl_ode_pretrain_path)
         sdxl.add_generator_lora(unet, rank=2 * cfg.lora_rank, alpha=4 * cfg.lora_rank)
         sdxl.load_lora(unet, ckpt / "lora_gen" / f"step-{step}")
@@ -86,10 +86,16 @@ def seeded_images(denoise, vae, alphas_cumprod, grid, prompts: list[str], seed: 
     return sdxl.decode_to_images(vae, x0).float()
 
 
+def sampling_grid(cfg: TrainConfig) -> torch.Tensor:
+    """The run's generator grid (its step timesteps, then 0), as training sampled it."""
+    return ts.generator_timesteps(cfg.sample_num_steps, cfg.shift, cfg.conditioning_timestep,
+                                  steps=cfg.generator_timesteps)
+
+
 def sample_images(cfg: TrainConfig, parts: sdxl.SDXLParts, unet, prompts: list[str], seed: int,
                   device: torch.device) -> torch.Tensor:
     """Images in [0, 1] for ``prompts`` from a loaded generator."""
-    grid = ts.generator_timesteps(cfg.sample_num_steps, cfg.shift, cfg.conditioning_timestep)
+    grid = sampling_grid(cfg)
     pe, pooled = sdxl.encode_prompts(parts, prompts, device)
     return seeded_images(lambda x, t: sdxl.predict_eps(unet, x, t, pe, pooled, cfg.resolution), parts.vae,
                          parts.alphas_cumprod, grid, prompts, seed, cfg.resolution, device)
@@ -126,9 +132,12 @@ def save_sample_grid(images: torch.Tensor, prompts: list[str], samples_dir: Path
 
 def sample_to_dir(run_dir: Path, step: str, prompts: list[str], out_dir: Path, seed: int, device: str = "cpu",
                   overrides: dict | None = None) -> list[Path]:
+    """PNGs ``0000.png``, ... for ``prompts``, and ``sample.json`` beside them: the checkpoint step, the
+    sampling timesteps and each image's prompt and noise seed."""
     cfg = load_run_config(run_dir, overrides)
     dev = torch.device(device)
-    parts, unet = load_generator(cfg, run_dir, find_checkpoint(run_dir, step), dev)
+    ckpt_step = find_checkpoint(run_dir, step)
+    parts, unet = load_generator(cfg, run_dir, ckpt_step, dev)
     images = sample_images(cfg, parts, unet, prompts, seed, dev)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -136,10 +145,19 @@ def sample_to_dir(run_dir: Path, step: str, prompts: list[str], out_dir: Path, s
         p = out_dir / f"{i:04d}.png"
         save_image(img, p)
         paths.append(p)
+    meta = {"step": ckpt_step, "seed": seed, "timesteps": sampling_grid(cfg)[:-1].tolist(),
+            "images": [{"image": p.name, "prompt": t, "seed": data.prompt_seed(t, seed)} for p, t in zip(paths, prompts)]}
+    (out_dir / "sample.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return paths
 
 
-def export(run_dir: Path, step: str, out_dir: Path, overrides: dict | None = None) -> Path:
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export(run_dir: Path, step: str, out_dir: Path, overrides: dict | None = None, dtype: str = "fp16") -> Path:
+    """The generator of checkpoint ``step`` as a diffusers UNet folder in ``dtype``, with the run's
+    sampling timesteps (every step count) in its dmdr_export.json."""
     cfg = load_run_config(run_dir, overrides)
     _, unet = load_generator(cfg, run_dir, find_checkpoint(run_dir, step), torch.device("cpu"))
-    return sdxl.export_unet(unet, out_dir, conditioning_timestep=cfg.conditioning_timestep, num_steps=cfg.sample_num_steps)
+    return sdxl.export_unet(unet, out_dir, conditioning_timestep=cfg.conditioning_timestep, num_steps=cfg.sample_num_steps,
+                            timesteps=sampling_grid(cfg)[:-1].tolist(), dtype=EXPORT_DTYPES[dtype])
