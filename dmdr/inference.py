@@ -159,5 +159,7 @@ def export(run_dir: Path, step: str, out_dir: Path, overrides: dict | None = Non
     sampling timesteps (every step count) in its dmdr_export.json."""
     cfg = load_run_config(run_dir, overrides)
     _, unet = load_generator(cfg, run_dir, find_checkpoint(run_dir, step), torch.device("cpu"))
-    return sdxl.export_unet(unet, out_dir, conditioning_timestep=cfg.conditioning_timestep, num_steps=cfg.sample_num_steps,
-                            timesteps=sampling_grid(cfg)[:-1].tolist(), dtype=EXPORT_DTYPES[dtype])
+    steps = sampling_grid(cfg)[:-1].tolist()  # one step: a --generator-timesteps list is its conditioning timestep
+    conditioning = steps[0] if len(steps) == 1 else cfg.conditioning_timestep
+    return sdxl.export_unet(unet, out_dir, conditioning_timestep=conditioning, num_steps=cfg.sample_num_steps,
+                            timesteps=steps, dtype=EXPORT_DTYPES[dtype])

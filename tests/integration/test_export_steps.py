@@ -89,6 +89,12 @@ def test_a_multi_step_run_on_the_default_grid_records_its_timesteps(four_step_ru
     dmdr("sample", "--run", str(run), "--prompt", "a red fox", "--out", str(tmp_path / "s"))
     assert json.loads((tmp_path / "s" / "sample.json").read_text())["timesteps"] == [999, 749, 500, 250]
 
+    args.update(sample_num_steps=1, generator_timesteps=[500])  # one step: the list is the conditioning timestep
+    (run / "args.json").write_text(json.dumps(args))
+    dmdr("export", "--run", str(run), "--out", str(tmp_path / "one"))
+    info = _export_info(tmp_path / "one")
+    assert (info["num_steps"], info["conditioning_timestep"], info["timesteps"]) == (1, 500, [500])
+
 
 def test_a_raw_unet_init_loads_for_four_steps(four_step_run, tmp_path):
     """Defect: --xl-ode-pretrain-path was silently ignored unless --sample-num-steps was 1, so a
