@@ -87,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("sample", help="images from a checkpoint of a run")
-    p.add_argument("--run", required=True, help="run directory (<output-dir>/<exp-name>)")
-    p.add_argument("--step", default="latest", help="checkpoint step or 'latest'")
+    p = sub.add_parser("sample", help="images from a checkpoint of a run, or from a `dmdr export` folder")
+    p.add_argument("--run", required=True, help="run directory (<output-dir>/<exp-name>), or a `dmdr export` folder "
+                                                "(then --pretrained-model names its SDXL base)")
+    p.add_argument("--step", default="latest", help="checkpoint step or 'latest' (of a run)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="file with one prompt per line")
     p.add_argument("--out", required=True, help="output folder for PNGs")

@@ -54,7 +54,7 @@ def test_export_records_the_timesteps_and_the_chosen_dtype(four_step_run, dmdr, 
         assert all(torch.equal(v, trained[k].to(torch_dtype)) for k, v in saved.items())
 
 
-def test_sample_and_the_lcm_pipeline_use_the_exported_timesteps(four_step_run, dmdr, tmp_path):
+def test_sample_and_the_lcm_pipeline_use_the_exported_timesteps(four_step_run, dmdr, tmp_path, capsys):
     run, cache = four_step_run
     dmdr("sample", "--run", str(run), "--prompt", "a red fox", "--out", str(tmp_path / "s"))
     sampled = json.loads((tmp_path / "s" / "sample.json").read_text())
@@ -62,6 +62,14 @@ def test_sample_and_the_lcm_pipeline_use_the_exported_timesteps(four_step_run, d
 
     dmdr("export", "--run", str(run), "--out", str(tmp_path / "unet"), "--dtype", "fp32")
     info = _export_info(tmp_path / "unet")
+    # the export samples like the run: same timesteps, same image (fp32 keeps the weights exactly)
+    capsys.readouterr()
+    assert cli.main(["sample", "--run", str(tmp_path / "unet"), "--prompt", "a red fox", "--out", "x"]) == 2
+    assert "is an exported UNet: pass --pretrained-model" in capsys.readouterr().err
+    dmdr("sample", "--run", str(tmp_path / "unet"), "--pretrained-model", "builtin:tiny", "--cache-dir", str(cache),
+         "--prompt", "a red fox", "--out", str(tmp_path / "e"))
+    assert json.loads((tmp_path / "e" / "sample.json").read_text())["timesteps"] == DMD2_STEPS
+    assert (tmp_path / "e" / "0000.png").read_bytes() == (tmp_path / "s" / "0000.png").read_bytes()
     from diffusers import LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     from dmdr.models.sdxl import resolve_pretrained
