@@ -41,8 +41,8 @@ def _sample(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from dmdr import inference
 
-    out = inference.export(Path(args.run), args.step, Path(args.out), _overrides(args))
-    print(f"exported generator UNet: {out}")
+    out = inference.export(Path(args.run), args.step, Path(args.out), _overrides(args), dtype=args.dtype)
+    print(f"exported generator UNet ({args.format}, {args.dtype}): {out}")
     return 0
 
 
@@ -87,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("sample", help="images from a checkpoint of a run")
-    p.add_argument("--run", required=True, help="run directory (<output-dir>/<exp-name>)")
-    p.add_argument("--step", default="latest", help="checkpoint step or 'latest'")
+    p = sub.add_parser("sample", help="images from a checkpoint of a run, or from a `dmdr export` folder")
+    p.add_argument("--run", required=True, help="run directory (<output-dir>/<exp-name>), or a `dmdr export` folder "
+                                                "(then --pretrained-model names its SDXL base)")
+    p.add_argument("--step", default="latest", help="checkpoint step or 'latest' (of a run)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="file with one prompt per line")
     p.add_argument("--out", required=True, help="output folder for PNGs")
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory (<output-dir>/<exp-name>)")
     p.add_argument("--step", default="latest", help="checkpoint step or 'latest'")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", default="diffusers", choices=("diffusers",),
+                   help="diffusers: a UNet2DConditionModel folder (safetensors) plus dmdr_export.json [default: diffusers]")
+    p.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"),
+                   help="precision of the saved weights [default: fp16, the size people download]")
     _add_run_overrides(p)
     p.set_defaults(func=_export)
 

@@ -75,16 +75,15 @@ def build_models(cfg: TrainConfig, device: torch.device) -> Models:
     teacher = parts.unet
 
     generator = copy.deepcopy(teacher)
-    if cfg.sample_num_steps == 1:
-        if cfg.xl_ode_pretrain_path:
-            sdxl.load_ode_init(generator, cfg.xl_ode_pretrain_path)
-            log.info(f"one-step generator initialised from {cfg.xl_ode_pretrain_path}")
-        elif cfg.pretrained_model != "builtin:tiny":
-            log.warning(
-                "WARNING: one-step training without --xl-ode-pretrain-path: the generator starts from the "
-                "teacher, which gives noise artifacts for SDXL. Pass the DMD2 ODE-regression init "
-                "(sdxl_lr1e-5_8node_ode_pretraining_10k_cond399_checkpoint_model_002000.bin)."
-            )
+    if cfg.xl_ode_pretrain_path:  # any step count: also DMD2's 4-step UNet for --sample-num-steps 4
+        sdxl.load_ode_init(generator, cfg.xl_ode_pretrain_path)
+        log.info(f"{cfg.sample_num_steps}-step generator initialised from {cfg.xl_ode_pretrain_path}")
+    elif cfg.sample_num_steps == 1 and cfg.pretrained_model != "builtin:tiny":
+        log.warning(
+            "WARNING: one-step training without --xl-ode-pretrain-path: the generator starts from the "
+            "teacher, which gives noise artifacts for SDXL. Pass the DMD2 ODE-regression init "
+            "(sdxl_lr1e-5_8node_ode_pretraining_10k_cond399_checkpoint_model_002000.bin)."
+        )
     if cfg.use_lora_gen:
         generator.requires_grad_(False)
         sdxl.add_generator_lora(generator, rank=2 * cfg.lora_rank, alpha=4 * cfg.lora_rank)

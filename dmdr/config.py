@@ -49,7 +49,8 @@ class TrainConfig:
         "Teacher: a local diffusers SDXL folder, 'builtin:tiny', or a hub id (needs network).",
     )
     xl_ode_pretrain_path: str | None = _f(
-        None, "One-step generator init: a raw UNet state_dict (.bin/.safetensors) from ODE regression."
+        None, "Generator init: a raw UNet state_dict (.bin/.safetensors), e.g. DMD2's ODE-regression one-step init, "
+        "or DMD2's 4-step UNet with --sample-num-steps 4 --generator-timesteps 999,749,499,249."
     )
     vae: str = _f("tiny", "VAE used to decode x0 for rewards and samples.", choices=("tiny", "full"))
     tiny_vae_path: str | None = _f(
@@ -58,6 +59,11 @@ class TrainConfig:
     sample_num_steps: int = _f(1, "Steps of the few-step generator.", min=1)
     conditioning_timestep: int = _f(399, "Generator timestep for one-step sampling (DMD2 uses 399).", min=0)
     shift: float = _f(1.0, "Timestep shift of the few-step grid (1 = none).", min=0.0)
+    generator_timesteps: list[int] | None = _f(
+        None, "The generator's step timesteps as a list, one per step, descending in [0, 999] (e.g. 999,749,499,249 "
+        "as DMD2's 4-step SDXL); default: linspace(999, 0, N+1) shifted by --shift, or --conditioning-timestep "
+        "for one step.", list_of=int
+    )
     use_lora_gen: bool = _f(False, "Train a LoRA generator (rank 2x, alpha 4x --lora-rank) instead of the full UNet.")
     lora_rank: int = _f(32, "LoRA rank of the guidance (fake score) adapter.", min=1)
     lora_scale_f: float = _f(2.0, "LoRA scale of the fake score.")
@@ -274,6 +280,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help(name, f)}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
+        elif f.metadata.get("list_of"):
+            kw.update(type=str, metavar="T1,T2,...")
         else:
             kw["type"] = _parse_optional(tp, keep_empty=name in _EMPTY_IS_ERROR) if _TYPES[name] != tp else tp
             choices = f.metadata.get("choices")
@@ -323,9 +331,27 @@ def build_config(flags: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
+def _int_list(flag: str, value: Any) -> list[int] | None:
+    """A list of integers from a flag's text (``999,749,499,249``, spaces or brackets allowed) or a YAML list."""
+    items = value
+    if isinstance(value, str):
+        text = value.strip().strip("[]").strip()
+        if text.lower() in ("", "none", "null"):
+            return None
+        items = [v for v in re.split(r"[,\s]+", text) if v]
+    try:
+        if not isinstance(items, (list, tuple)) or any(isinstance(v, (bool, float)) for v in items):
+            raise ValueError
+        return [int(v) for v in items]
+    except (TypeError, ValueError):
+        raise UserError(f"{flag}: {value!r} is not a list of integer timesteps (e.g. 999,749,499,249)") from None
+
+
 def _coerce(name: str, value: Any) -> Any:
     tp = _base_type(name)
     flag = "--" + name.replace("_", "-")
+    if FIELDS[name].metadata.get("list_of"):
+        return _int_list(flag, value)
     if value is None:
         if _TYPES[name] is tp:
             raise UserError(f"{flag}: a value is required")
@@ -366,6 +392,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--resolution: {cfg.resolution} must be a multiple of 8 (the VAE downsamples by 8)")
     if not 0 <= cfg.conditioning_timestep <= 999:
         raise UserError(f"--conditioning-timestep: {cfg.conditioning_timestep} must be in [0, 999]")
+    _check_generator_timesteps(cfg)
     if cfg.s3_uri is not None and not cfg.s3_uri.startswith("s3://"):
         raise UserError(f"--s3-uri: {cfg.s3_uri!r} is not an s3://bucket/prefix URI")
     for name in _EMPTY_IS_ERROR:
@@ -390,6 +417,23 @@ def validate(cfg: TrainConfig) -> None:
         if weight > 0 and not path:
             model_flag = "--clip-reward-model" if "clip" in flag else "--hpsv2-reward-model"
             raise UserError(f"{flag}: {weight} needs {model_flag} (a reward checkpoint file)")
+
+
+def _check_generator_timesteps(cfg: TrainConfig) -> None:
+    steps = cfg.generator_timesteps
+    if steps is None:
+        return
+    flag = f"--generator-timesteps {','.join(map(str, steps))}"
+    if len(steps) != cfg.sample_num_steps:
+        raise UserError(f"{flag}: {len(steps)} timesteps for --sample-num-steps {cfg.sample_num_steps}; "
+                        "give one timestep per generator step")
+    if not all(0 <= t <= 999 for t in steps):
+        raise UserError(f"{flag}: every timestep must be in [0, 999]")
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        raise UserError(f"{flag}: the timesteps must be strictly descending (e.g. 999,749,499,249)")
+    if cfg.shift != 1.0:
+        raise UserError(f"{flag}: --shift {cfg.shift} does not apply to a list of timesteps (used as given); "
+                        "drop --shift or the list")
 
 
 def save_args(cfg: TrainConfig, path: Path) -> None:

@@ -48,12 +48,11 @@ def find_checkpoint(run_dir: Path, step: str) -> int:
 
 def load_generator(cfg: TrainConfig, run_dir: Path, step: int, device: torch.device) -> tuple[sdxl.SDXLParts, torch.nn.Module]:
     """The SDXL parts plus the generator of checkpoint ``step`` (full weights or LoRA)."""
-    folder = sdxl.resolve_pretrained(cfg.pretrained_model, Path(cfg.cache_dir).expanduser())
-    parts = sdxl.load_sdxl(folder, vae=cfg.vae, tiny_vae_path=cfg.tiny_vae_path)
+    parts = _base_parts(cfg)
     unet = copy.deepcopy(parts.unet)
     ckpt = run_dir / "checkpoints"
     if cfg.use_lora_gen:
-        if cfg.sample_num_steps == 1 and cfg.xl_ode_pretrain_path:
+        if cfg.xl_ode_pretrain_path:
             sdxl.load_ode_init(unet, cfg.xl_ode_pretrain_path)
         sdxl.add_generator_lora(unet, rank=2 * cfg.lora_rank, alpha=4 * cfg.lora_rank)
         sdxl.load_lora(unet, ckpt / "lora_gen" / f"step-{step}")
@@ -66,6 +65,33 @@ def load_generator(cfg: TrainConfig, run_dir: Path, step: int, device: torch.dev
         else:
             raise UserError(f"{step_dir} has neither model.safetensors nor FSDP shards: the checkpoint is incomplete "
                             "(a pull with --only lora of a run without --use-lora-gen: pull --only generator)")
+    return _on_device(parts, unet, device)
+
+
+def load_export(folder: Path, overrides: dict | None, device: torch.device) -> tuple[TrainConfig, sdxl.SDXLParts, torch.nn.Module]:
+    """A `dmdr export` folder: its UNet, the other SDXL parts from --pretrained-model, and a config
+    that samples on the export's timesteps at the UNet's resolution."""
+    from diffusers import UNet2DConditionModel
+
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "pretrained_model" not in given:
+        raise UserError(f"{folder} is an exported UNet: pass --pretrained-model, the SDXL base it was trained from "
+                        "(its text encoders and VAE), e.g. a local diffusers folder")
+    steps = json.loads((folder / sdxl.EXPORT_INFO).read_text()).get("timesteps")
+    if not steps:
+        raise UserError(f"{folder / sdxl.EXPORT_INFO} records no timesteps (an export by an older dmdr): export the run again")
+    unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32)
+    cfg = TrainConfig(**given, resolution=8 * unet.config.sample_size, sample_num_steps=len(steps),
+                      generator_timesteps=steps)
+    return cfg, *_on_device(_base_parts(cfg), unet, device)
+
+
+def _base_parts(cfg: TrainConfig) -> sdxl.SDXLParts:
+    folder = sdxl.resolve_pretrained(cfg.pretrained_model, Path(cfg.cache_dir).expanduser())
+    return sdxl.load_sdxl(folder, vae=cfg.vae, tiny_vae_path=cfg.tiny_vae_path)
+
+
+def _on_device(parts: sdxl.SDXLParts, unet: torch.nn.Module, device: torch.device) -> tuple[sdxl.SDXLParts, torch.nn.Module]:
     for m in (parts.text_encoder_one, parts.text_encoder_two, parts.vae, unet):
         m.to(device).eval()
     parts.alphas_cumprod = parts.alphas_cumprod.to(device)
@@ -86,10 +112,16 @@ def seeded_images(denoise, vae, alphas_cumprod, grid, prompts: list[str], seed: 
     return sdxl.decode_to_images(vae, x0).float()
 
 
+def sampling_grid(cfg: TrainConfig) -> torch.Tensor:
+    """The run's generator grid (its step timesteps, then 0), as training sampled it."""
+    return ts.generator_timesteps(cfg.sample_num_steps, cfg.shift, cfg.conditioning_timestep,
+                                  steps=cfg.generator_timesteps)
+
+
 def sample_images(cfg: TrainConfig, parts: sdxl.SDXLParts, unet, prompts: list[str], seed: int,
                   device: torch.device) -> torch.Tensor:
     """Images in [0, 1] for ``prompts`` from a loaded generator."""
-    grid = ts.generator_timesteps(cfg.sample_num_steps, cfg.shift, cfg.conditioning_timestep)
+    grid = sampling_grid(cfg)
     pe, pooled = sdxl.encode_prompts(parts, prompts, device)
     return seeded_images(lambda x, t: sdxl.predict_eps(unet, x, t, pe, pooled, cfg.resolution), parts.vae,
                          parts.alphas_cumprod, grid, prompts, seed, cfg.resolution, device)
@@ -126,9 +158,16 @@ def save_sample_grid(images: torch.Tensor, prompts: list[str], samples_dir: Path
 
 def sample_to_dir(run_dir: Path, step: str, prompts: list[str], out_dir: Path, seed: int, device: str = "cpu",
                   overrides: dict | None = None) -> list[Path]:
-    cfg = load_run_config(run_dir, overrides)
+    """PNGs ``0000.png``, ... for ``prompts``, and ``sample.json`` beside them: the checkpoint step, the
+    sampling timesteps and each image's prompt and noise seed. ``run_dir`` is a run or a `dmdr export` folder."""
     dev = torch.device(device)
-    parts, unet = load_generator(cfg, run_dir, find_checkpoint(run_dir, step), dev)
+    if (run_dir / sdxl.EXPORT_INFO).is_file():
+        ckpt_step = None
+        cfg, parts, unet = load_export(run_dir, overrides, dev)
+    else:
+        cfg = load_run_config(run_dir, overrides)
+        ckpt_step = find_checkpoint(run_dir, step)
+        parts, unet = load_generator(cfg, run_dir, ckpt_step, dev)
     images = sample_images(cfg, parts, unet, prompts, seed, dev)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -136,10 +175,21 @@ def sample_to_dir(run_dir: Path, step: str, prompts: list[str], out_dir: Path, s
         p = out_dir / f"{i:04d}.png"
         save_image(img, p)
         paths.append(p)
+    meta = {"step": ckpt_step, "seed": seed, "timesteps": sampling_grid(cfg)[:-1].tolist(),
+            "images": [{"image": p.name, "prompt": t, "seed": data.prompt_seed(t, seed)} for p, t in zip(paths, prompts)]}
+    (out_dir / "sample.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return paths
 
 
-def export(run_dir: Path, step: str, out_dir: Path, overrides: dict | None = None) -> Path:
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export(run_dir: Path, step: str, out_dir: Path, overrides: dict | None = None, dtype: str = "fp16") -> Path:
+    """The generator of checkpoint ``step`` as a diffusers UNet folder in ``dtype``, with the run's
+    sampling timesteps (every step count) in its dmdr_export.json."""
     cfg = load_run_config(run_dir, overrides)
     _, unet = load_generator(cfg, run_dir, find_checkpoint(run_dir, step), torch.device("cpu"))
-    return sdxl.export_unet(unet, out_dir, conditioning_timestep=cfg.conditioning_timestep, num_steps=cfg.sample_num_steps)
+    steps = sampling_grid(cfg)[:-1].tolist()  # one step: a --generator-timesteps list is its conditioning timestep
+    conditioning = steps[0] if len(steps) == 1 else cfg.conditioning_timestep
+    return sdxl.export_unet(unet, out_dir, conditioning_timestep=conditioning, num_steps=cfg.sample_num_steps,
+                            timesteps=steps, dtype=EXPORT_DTYPES[dtype])

@@ -66,7 +66,8 @@ class Trainer:
             self.models = components.build_models(cfg, self.device)
         m = self.models
         self.alphas = m.parts.alphas_cumprod
-        self.grid = ts.generator_timesteps(cfg.sample_num_steps, cfg.shift, cfg.conditioning_timestep)
+        self.grid = ts.generator_timesteps(cfg.sample_num_steps, cfg.shift, cfg.conditioning_timestep,
+                                           steps=cfg.generator_timesteps)
         if cfg.sample_num_steps == 1 and cfg.s_type_gui != "uniform":
             # The reference meant to force this for one step but wrote a no-op comparison.
             self.log.warning("one-step training: --s-type-gui forced to uniform (as the reference intends)")

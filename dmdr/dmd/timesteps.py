@@ -19,6 +19,7 @@ Fixes over the reference (each named in tests/unit/test_timesteps.py):
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -55,8 +56,13 @@ def generator_timesteps(
     shift: float = 1.0,
     conditioning_timestep: int = 399,
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+    steps: Sequence[int] | None = None,
 ) -> Tensor:
     """The generator's descending grid of ``num_steps + 1`` integer timesteps, ending at 0.
+
+    ``steps`` gives the ``num_steps`` step timesteps explicitly (e.g. DMD2's 4-step SDXL
+    ``[999, 749, 499, 249]``, which the rounded linspace below does not give); the grid is then
+    ``steps + [0]``, unshifted.
 
     ``linspace(T-1, 0, N+1)``, shifted, rounded with ``torch.round`` (round half to even, so
     N=4 gives ``[999, 749, 500, 250, 0]``: 749.25 -> 749, 499.5 -> 500, 249.75 -> 250). For one
@@ -66,6 +72,13 @@ def generator_timesteps(
     """
     if num_steps < 1:
         raise ValueError(f"the generator needs at least one sampling step, got {num_steps}")
+    if steps is not None:
+        steps = [int(t) for t in steps]
+        if len(steps) != num_steps or not all(0 <= t < num_train_timesteps for t in steps) \
+                or any(a <= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"step timesteps {steps}: need {num_steps} descending values in "
+                             f"[0, {num_train_timesteps - 1}]")
+        return torch.tensor(steps + [0], dtype=torch.long)
     if num_steps == 1:
         if not 0 < conditioning_timestep < num_train_timesteps:
             raise ValueError(

@@ -543,8 +543,9 @@ def export_unet(
                 "StableDiffusionXLPipeline.from_pretrained(<SDXL base>, unet=unet); "
                 "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config); "
                 "pipe(prompt, num_inference_steps=len(timesteps), timesteps=timesteps, guidance_scale=0). "
-                "One step means: latents x ~ N(0, I), eps = unet(x, conditioning_timestep), "
-                "x0 = (x - sqrt(1 - alpha_bar_t) * eps) / sqrt(alpha_bar_t), decode x0 with the VAE."
+                "Each step t of timesteps: eps = unet(x, t) (x ~ N(0, I) at the first), "
+                "x0 = (x - sqrt(1 - alpha_bar_t) * eps) / sqrt(alpha_bar_t), then x = x0 re-noised with fresh noise "
+                "to the next timestep; the last x0 is decoded with the VAE."
             ),
         }
         (build / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")

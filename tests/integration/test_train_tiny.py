@@ -98,7 +98,7 @@ def test_sample_and_export(run6, cache, tmp_path):
     proc = run_dmdr(["sample", "--run", str(run), "--step", "6", "--prompt", "a red fox", "--out", str(tmp_path / "s")], cache)
     assert (tmp_path / "s" / "0000.png").is_file()
     latest = max(int(p.name.split("-")[1].split(".")[0]) for p in (run / "checkpoints").glob("step-*.complete.json"))
-    run_dmdr(["export", "--run", str(run), "--step", "latest", "--out", str(tmp_path / "unet")], cache)
+    run_dmdr(["export", "--run", str(run), "--step", "latest", "--out", str(tmp_path / "unet"), "--dtype", "fp32"], cache)
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")

@@ -54,6 +54,46 @@ def test_presets_carry_reference_recipes():
     assert cold.gui_a == 4.0 and cold.gui_b == 1.5 and cold.cfg_r == 7.0 and cold.ratio_update == 5
 
 
+def test_four_step_preset_trains_on_dmd2_timesteps_in_one_run():
+    four = parse(["--preset", "sdxl-4step-dmdr"])
+    assert (four.sample_num_steps, four.generator_timesteps, four.xl_ode_pretrain_path) == (4, [999, 749, 499, 249], None)
+    assert (four.cold_start_iter, four.max_train_steps, four.learning_rate_gen) == (3000, 4001, 1e-7)
+    assert four.reward_clip_weight == four.reward_hps_weight == 0.3 and four.magic_prompt == "Realistic photo"
+    assert "sdxl-4step-dmdr" in config.preset_names()
+
+
+@pytest.mark.parametrize("text", ["999,749,499,249", "999 749 499 249", "[999, 749, 499, 249]"])
+def test_generator_timesteps_list_from_a_flag(text, tmp_path):
+    cfg = parse(["--sample-num-steps", "4", "--generator-timesteps", text])
+    assert cfg.generator_timesteps == [999, 749, 499, 249]
+    config.save_args(cfg, tmp_path / "args.json")
+    assert json.loads((tmp_path / "args.json").read_text())["generator_timesteps"] == [999, 749, 499, 249]
+    f = tmp_path / "c.yaml"
+    f.write_text("sample-num-steps: 2\ngenerator-timesteps: [999, 499]\n")
+    assert parse(["--config", str(f)]).generator_timesteps == [999, 499]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--generator-timesteps", "999,749,499"], "3 timesteps for --sample-num-steps 4"),
+    (["--generator-timesteps", "999,749,499,1000"], "must be in [0, 999]"),
+    (["--generator-timesteps", "249,499,749,999"], "strictly descending"),
+    (["--generator-timesteps", "999,749,749,249"], "strictly descending"),
+    (["--generator-timesteps", "999,749,x,249"], "is not a list of integer timesteps"),
+    (["--generator-timesteps", "999,749,499,249", "--shift", "3"], "--shift 3.0 does not apply"),
+])
+def test_generator_timesteps_list_is_checked(argv, fragment):
+    with pytest.raises(UserError) as e:
+        parse(["--sample-num-steps", "4", *argv])
+    assert fragment in str(e.value) and "--generator-timesteps" in str(e.value)
+
+
+def test_a_bad_timesteps_list_exits_2_with_one_line():
+    proc = subprocess.run([sys.executable, "-m", "dmdr", "train", "--sample-num-steps", "4",
+                           "--generator-timesteps", "999,500,750,250"], capture_output=True, text=True)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "strictly descending" in lines[0]
+
+
 def test_checkpoint_sources_from_s3_are_checked_at_parse_time():
     assert parse(["--init-ckpt", "s3://bkt/runs/stage1/step-3000"]).init_ckpt == "s3://bkt/runs/stage1/step-3000"
     for flag in ("--init-ckpt", "--resume-ckpt"):

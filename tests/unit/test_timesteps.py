@@ -40,6 +40,15 @@ def test_one_step_grid_uses_conditioning_timestep():
     assert generator_timesteps(1, shift=3.0).tolist() == [399, 0]
 
 
+def test_explicit_step_timesteps_give_dmd2_grid():
+    """DMD2's 4-step SDXL steps 999, 749, 499, 249, which the rounded linspace cannot give."""
+    assert generator_timesteps(4, steps=[999, 749, 499, 249]).tolist() == [999, 749, 499, 249, 0]
+    assert generator_timesteps(1, steps=[500]).tolist() == [500, 0]
+    for bad in ([999, 749, 499], [999, 749, 749, 249], [1000, 749, 499, 249]):
+        with pytest.raises(ValueError, match="descending"):
+            generator_timesteps(4, steps=bad)
+
+
 def test_grid_rejects_bad_arguments():
     with pytest.raises(ValueError, match="at least one"):
         generator_timesteps(0)
