@@ -8,8 +8,10 @@ retries only codes >= 128: the eviction would fail the job).
 """
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,3 +88,33 @@ def test_a_sigtermed_pod_flushes_within_its_grace_and_exits_143(tmp_path):
     assert (out / "flushed-0").exists(), f"worker SIGKILLed before its flush ({took:.0f}s):\n{output[-3000:]}"
     assert proc.returncode == 128 + signal.SIGTERM, f"exit {proc.returncode}:\n{output[-3000:]}"
     assert FLUSH <= took < GRACE, took  # before the kubelet's SIGKILL
+
+
+@pytest.mark.parametrize("worker_exit, expected", [(2, 2), (3, 1)], ids=["usage-error", "crash"])
+def test_a_usage_error_in_the_workers_is_exit_2(tmp_path, worker_exit, expected):
+    """dmdr's UserError exits 2 in the workers; torchrun alone would exit 1, which the Indexed
+    Job's podFailurePolicy retries. Exit 2 fails that job at once; other failures stay 1."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"import sys; sys.exit({worker_exit})\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PET_")}
+    proc = subprocess.run([sys.executable, "-m", "dmdr.launch.run", "--standalone", "--nproc-per-node=1",
+                           "--max-restarts=0", str(probe)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == expected, proc.stderr[-3000:]
+
+
+def test_the_index_0_pod_hosts_the_c10d_store():
+    """Under an Indexed Job or JobSet (JOB_COMPLETION_INDEX set) with c10d, only index 0 hosts
+    the store; a user's is_host, other backends and non-indexed pods are left alone."""
+    from dmdr.launch.run import store_host_conf
+
+    def conf(**env):
+        store_host_conf(env)
+        return env.get("PET_RDZV_CONF")
+
+    c10d = {"PET_RDZV_BACKEND": "c10d"}
+    assert conf(**c10d, JOB_COMPLETION_INDEX="0", PET_RDZV_CONF="join_timeout=9") == "join_timeout=9,is_host=true"
+    assert conf(**c10d, JOB_COMPLETION_INDEX="1") == "is_host=false"
+    assert conf(**c10d, JOB_COMPLETION_INDEX="1", PET_RDZV_CONF="is_host=true") == "is_host=true"
+    assert conf(**c10d) is None
+    assert conf(PET_RDZV_BACKEND="static", JOB_COMPLETION_INDEX="0") is None
