@@ -287,7 +287,7 @@ def local_replicas(objects: list[dict[str, Any]], root: Path,
     rendezvous port can be moved to a free one, and `python` is this interpreter.
     """
     job = copy.deepcopy(the(objects, "PyTorchJob"))
-    configmaps = {cm["metadata"]["name"]: cm.get("data", {}) for cm in by_kind(objects, "ConfigMap")}
+    configmaps = configmaps_of(objects)
     if port is not None:
         for template in replica_templates(job).values():
             for container in template["spec"]["containers"]:
@@ -309,11 +309,16 @@ def _local_pod(job, rtype, index, root, configmaps, secrets, host, job_name) -> 
                      secrets, hosts)
 
 
+def configmaps_of(objects: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    return {cm["metadata"]["name"]: cm.get("data", {}) for cm in by_kind(objects, "ConfigMap")}
+
+
 def local_pod(pod_name: str, spec: dict[str, Any], container_name: str, root: Path,
               configmaps: dict[str, dict[str, str]], secrets: dict[str, dict[str, str]],
-              hosts: dict[str, str]) -> LocalReplica:
+              hosts: dict[str, str], fields: dict[str, str] | None = None) -> LocalReplica:
     """One pod spec (as its controller creates it) as a local process under root/<pod_name>/:
-    each mount a folder, `hosts` (DNS name -> address) replaced in env values."""
+    each mount a folder, `hosts` (DNS name -> address) replaced in env values, `fieldRef` env
+    from `fields` (fieldPath -> value)."""
     container = next(c for c in spec["containers"] if c["name"] == container_name)
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     mounts: dict[str, Path] = {}
@@ -336,9 +341,11 @@ def local_pod(pod_name: str, spec: dict[str, Any], container_name: str, root: Pa
     for item in container.get("env", []):  # in order: a later duplicate wins, as in a pod
         if "value" in item:
             value = str(item["value"])
-            for name, address in hosts.items():  # pod DNS -> host
-                value = value.replace(name, address)
+            for name in sorted(hosts, key=len, reverse=True):  # pod DNS -> host (longest first)
+                value = value.replace(name, hosts[name])
             env[item["name"]] = _rewrite(value, mounts)
+        elif "fieldRef" in item["valueFrom"]:
+            env[item["name"]] = (fields or {})[item["valueFrom"]["fieldRef"]["fieldPath"]]
         else:
             ref = item["valueFrom"]["secretKeyRef"]
             try:

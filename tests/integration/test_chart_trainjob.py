@@ -296,7 +296,7 @@ def test_a_killed_pod_reports_exit_137_not_success(tmp_path):
     """The driver tells a lost pod from a finished one by its exit status: Pod.kill (SIGKILL of
     the whole tree) must leave the agent's status at -9, i.e. 137 in Kubernetes' terms."""
     from helpers_jobset_sim import exit_code
-    from test_chart_pods import Pod
+    from helpers_pods import Pod
 
     replica = h.LocalReplica("p", ["sleep", "30"], {"PATH": "/usr/bin:/bin"},
                              {"/home/dmdr": tmp_path, "/workspace/outputs": tmp_path})

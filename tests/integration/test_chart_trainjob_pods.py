@@ -23,7 +23,9 @@ import helpers_helm as h
 import helpers_trainjob as tj
 from helpers_jobset_sim import JobSetRun
 from helpers_s3 import ACCESS_KEY, SECRET_KEY, bucket, free_port, moto, s3_env, wait_for  # noqa: F401 (fixtures)
-from test_chart_pods import BATCH, CKPT_STEPS, MAX_STEPS, PROCS, REPLICAS, SECRET, Pod, tiny_model, _latest, _object  # noqa: F401
+from helpers_pods import CKPT_STEPS, MAX_STEPS, SECRET, Pod, tiny_model  # noqa: F401 (fixture)
+from helpers_pods import latest as _latest, s3_object as _object
+from test_chart_pods import BATCH, PROCS, REPLICAS
 
 pytestmark = pytest.mark.slow
 
