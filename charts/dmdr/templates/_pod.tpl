@@ -20,6 +20,9 @@ metadata:
     {{- toYaml . | nindent 4 }}
     {{- end }}
 spec:
+  {{- with include "dmdr.launcherPodSpec" . }}
+  {{- . | trim | nindent 2 }}
+  {{- end }}
   serviceAccountName: {{ include "dmdr.serviceAccountName" . }}
   automountServiceAccountToken: {{ $v.automountServiceAccountToken }}
   # Service links would add an env var per Service in the namespace; training needs none.
@@ -220,7 +223,7 @@ spec:
   value: /home/dmdr/.cache/triton
 - name: TORCHINDUCTOR_CACHE_DIR
   value: /home/dmdr/.cache/torchinductor
-{{- if include "dmdr.elastic" . }}
+{{- if include "dmdr.c10d" . }}
 {{- /* torchrun shares its rendezvous TCP store across rounds by default: a replaced pod's
        agent then joins a later round and waits forever for a master address that the
        surviving rank-0 agent never republishes. One store per round avoids the hang. */}}
@@ -309,6 +312,7 @@ spec:
       key: {{ .tokenKey | quote }}
 {{- end }}
 {{- end }}
+{{- include "dmdr.launcherEnv" . }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
 {{- end }}

@@ -19,6 +19,7 @@ sentence naming the values involved and the fix. Included once, from the launche
 {{- fail (printf "the PyTorchJob would be named %q, but the training operator names Services after it and they must start with a letter: choose a release name that starts with a letter, or set fullnameOverride" $job) }}
 {{- end }}
 
+{{- $indexed := eq $v.launcher "indexedjob" }}
 {{- if include "dmdr.elastic" . }}
 {{- $min := int $v.elastic.minReplicas }}
 {{- $max := int $v.elastic.maxReplicas }}
@@ -92,6 +93,12 @@ sentence naming the values involved and the fix. Included once, from the launche
 {{- fail "job.restartPolicy=ExitCode recreates pods, which deletes their emptyDir outputs and every checkpoint with them: set storage.s3.uri or storage.outputs.existingClaim, or use job.restartPolicy=OnFailure" }}
 {{- end }}
 
+{{- if and $indexed (not (include "dmdr.durableOutputs" .)) }}
+{{- fail "launcher=indexedjob replaces a failed pod with a new one, which deletes its emptyDir outputs and every checkpoint with them: set storage.s3.uri or storage.outputs.existingClaim" }}
+{{- end }}
+{{- if and $indexed $v.gangScheduling.enabled }}
+{{- fail "gangScheduling.enabled needs launcher=pytorchjob (the training operator creates the pod group): with launcher=indexedjob admit the pods together with Kueue (kueue.queueName)" }}
+{{- end }}
 {{- if and $v.kueue.queueName $v.gangScheduling.enabled }}
 {{- fail "kueue.queueName and gangScheduling.enabled are both set: Kueue already admits the whole job at once; use one of them" }}
 {{- end }}
@@ -163,15 +170,19 @@ rendered. Names the training operator injects are refused too: its value would w
 */}}
 {{- define "dmdr.validateListKeys" -}}
 {{- $pod := include "dmdr.podTemplate" . | fromYaml }}
-{{- $operator := "^(PET_[A-Z_]+|MASTER_ADDR|MASTER_PORT|WORLD_SIZE|RANK|PYTHONUNBUFFERED)$" }}
+{{- $operator := "^(PET_[A-Z_]+|MASTER_ADDR|MASTER_PORT|WORLD_SIZE|RANK|PYTHONUNBUFFERED|JOB_COMPLETION_INDEX)$" }}
+{{- $userEnv := keys .Values.nccl.extraEnv | sortAlpha }}
+{{- range .Values.extraEnv }}{{ $userEnv = append $userEnv .name }}{{ end }}
+{{- range $userEnv }}
+{{- if regexMatch $operator . }}
+{{- fail (printf "env %s is set by the training operator or the chart's launcher (%s), whose value must win: remove it from extraEnv / nccl.extraEnv" . $.Values.launcher) }}
+{{- end }}
+{{- end }}
 {{- range $pod.spec.containers }}
 {{- $seen := dict }}
 {{- range .env }}
 {{- if hasKey $seen .name }}
 {{- fail (printf "env %s is set twice in the pod (the chart sets it, or extraEnv / nccl.extraEnv name it again), which the API server refuses: remove the duplicate from extraEnv or nccl.extraEnv" .name) }}
-{{- end }}
-{{- if regexMatch $operator .name }}
-{{- fail (printf "env %s is set by the training operator, which appends its own value: remove it from extraEnv / nccl.extraEnv" .name) }}
 {{- end }}
 {{- $_ := set $seen .name true }}
 {{- end }}
