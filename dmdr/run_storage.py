@@ -21,7 +21,7 @@ from typing import Any, Callable
 from accelerate.utils import broadcast_object_list
 
 from dmdr import run_claim
-from dmdr.checkpoint import complete_steps, loadable_steps, marker_path, verify_checkpoint
+from dmdr.checkpoint import loadable_steps, marker_path, verify_checkpoint
 from dmdr.config import TrainConfig
 from dmdr.errors import UserError
 from dmdr.logs import get_logger
@@ -174,8 +174,9 @@ class RunStorage:
         """Settle, across all nodes, the step to resume from and make it loadable everywhere.
 
         The step is the newest one that every node has locally (loadable) or that the store has
-        complete; a node lacking it pulls it (once per node, sha256-verified), with the logs when
-        its run directory is empty. Every rank takes part, so the barriers match. Returns the
+        complete; a node lacking it pulls it (once per node, sha256-verified), and the main
+        process pulls the store's logs its node lacks (`_pull_logs`), wherever it ran before.
+        Every rank takes part, so the barriers match. Returns the
         agreed step (None: nothing to resume) and remembers the store's latest for `start`.
         """
         if not self.enabled or self.cfg.resume_ckpt not in ("auto", "latest"):
@@ -206,8 +207,6 @@ class RunStorage:
             target = max(common, default=None)
             error = None
             if target is not None and target not in local and self.acc.is_local_main_process:
-                if not complete_steps(self.run_dir / "checkpoints"):
-                    self._restore_logs()
                 try:
                     manifest = download_checkpoint(self.remote, target, self.run_dir, cfg=self.storage_cfg,
                                                    progress=False)
@@ -225,6 +224,8 @@ class RunStorage:
                             "repair or delete the damaged checkpoints, or use a new --exp-name")
         if damaged:
             get_logger().warning(f"WARNING: resuming from step-{target}, the newest intact checkpoint")
+        if target is not None:  # the main process writes the logs, on whichever node it runs now
+            self._on_main(self._restore_logs)
         self.acc.wait_for_everyone()
         return target
 
@@ -291,9 +292,29 @@ class RunStorage:
             self._pull_logs(client, remote)
 
     def _pull_logs(self, client, remote) -> None:
+        """The store's copy of each log replaces a local one that is missing (a fresh pod, or a
+        node that was not the main one) or, for the append-only logs, shorter (this node was the
+        main one before another was): the resumed run continues the whole history."""
+        from botocore.exceptions import ClientError
+
         from dmdr.storage.remote import get_files
 
-        get_files(client, remote, [rel for rel in RESTORED_LOGS if not (self.run_dir / rel).exists()], self.run_dir)
+        def behind(rel: str) -> bool:
+            local = self.run_dir / rel
+            if not local.exists():
+                return True
+            if not rel.endswith((".txt", ".jsonl")):
+                return False
+            obj = remote.join(rel)
+            try:
+                size = client.head_object(Bucket=obj.bucket, Key=obj.key)["ContentLength"]
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return False
+                raise
+            return size > local.stat().st_size
+
+        get_files(client, remote, [rel for rel in RESTORED_LOGS if behind(rel)], self.run_dir)
 
     def start(self, resumed_step: int | None) -> None:
         """Start the background syncer (after resume, so restored files are not re-uploaded

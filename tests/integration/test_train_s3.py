@@ -54,6 +54,32 @@ def test_upload_then_resume_from_s3_in_an_empty_dir(tmp_path, moto, bucket):
     assert [json.loads(x)["step"] for x in remote_rows.decode().splitlines()] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_node_with_the_checkpoint_but_not_the_logs_continues_the_stored_logs(tmp_path, moto, bucket):
+    """After a restart the main process may land on a node that was not the main one before
+    (an Indexed Job's survivor, a PyTorchJob worker kept in place): it has the checkpoint on its
+    disk but none of the logs, or an older copy from when it was main. Its logs must continue
+    the store's, not start over and replace them."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    common = ["--checkpoint-steps", "2", "--sample-steps", "100", *s3_args(moto, bucket)]
+    run_dmdr(tiny_args(tmp_path / "main", "e", cache, "--max-train-steps", "4", *common), cache, **aws_env())
+    other = tmp_path / "other" / "e"  # the checkpoint on its disk, no log.txt, an old loss log
+    shutil.copytree(tmp_path / "main" / "e", other)
+    (other / "log.txt").unlink()
+    gen_log = other / "loss_logs" / "loss_gen_log.jsonl"
+    gen_log.write_text("".join(gen_log.read_text().splitlines(keepends=True)[:2]))
+
+    proc = run_dmdr(tiny_args(tmp_path / "other", "e", cache, "--max-train-steps", "6", "--resume-ckpt", "auto",
+                              *common), cache, **aws_env())
+    assert "pulled checkpoint" not in proc.stdout and "generator step 4" in proc.stdout  # its own copy
+    assert [r["step"] for r in read_jsonl(gen_log)] == [1, 2, 3, 4, 5, 6]
+    remote_rows = moto.client().get_object(Bucket=bucket, Key="runs/e/loss_logs/loss_gen_log.jsonl")["Body"].read()
+    assert [json.loads(x)["step"] for x in remote_rows.decode().splitlines()] == [1, 2, 3, 4, 5, 6]
+    remote_log = moto.client().get_object(Bucket=bucket, Key="runs/e/log.txt")["Body"].read().decode()
+    assert remote_log.count("run directory:") == 2  # the first run's lines are still there
+
+
 def test_sigterm_saves_flushes_and_exits_143(tmp_path, moto, bucket):
     cache = tmp_path / "cache"
     run_dmdr(tiny_args(tmp_path / "warm", "w", cache, "--max-train-steps", "1"), cache)  # build the tiny model once
