@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -95,6 +96,16 @@ def s3_object(moto, bucket: str, key: str) -> bytes | None:
         return client.get_object(Bucket=bucket, Key=f"{PREFIX}/{key}")["Body"].read()
     except client.exceptions.NoSuchKey:
         return None
+
+
+def stand_in_pods(folder: Path, scripts: list[str]) -> list[Pod]:
+    """Pods running a Python one-liner each, to check a controller model quickly."""
+    pods = []
+    for index, script in enumerate(scripts):
+        mounts = {"/workspace/outputs": folder / f"out{index}", "/home/dmdr": folder}
+        mounts["/workspace/outputs"].mkdir()
+        pods.append(Pod(h.LocalReplica(f"pod-{index}", [sys.executable, "-c", script], {}, mounts), folder))
+    return pods
 
 
 def latest(moto, bucket: str) -> int | None:

@@ -22,7 +22,7 @@ import pytest
 import helpers_helm as h
 import helpers_indexedjob as ij
 from helpers_pods import (CKPT_STEPS, SECRET, Pod, cpu_tiny_values, last_logged_step, latest,
-                          s3_object, tiny_model)  # noqa: F401 (fixture)
+                          s3_object, stand_in_pods, tiny_model)  # noqa: F401 (fixture)
 from helpers_s3 import (ACCESS_KEY, SECRET_KEY, bucket, free_port, listening, moto, s3_env,  # noqa: F401 (fixtures)
                         wait_for)
 
@@ -144,6 +144,28 @@ def test_notes_name_the_job_and_its_pods():
     assert "-l batch.kubernetes.io/job-name=run7-dmdr -c pytorch --prefix" in notes
     assert "batch.kubernetes.io/job-completion-index=0" in notes
     assert "pytorchjob" not in notes.lower()
+
+
+@pytest.mark.parametrize("script, expected", [
+    ("raise SystemExit(2)", "Failed: pod-1 exited 2 (podFailurePolicy FailJob)"),
+    ("raise SystemExit(1)", "Failed: pod-1 failed 2 times (backoffLimitPerIndex 1)"),
+], ids=["exit-2", "backoff-exhausted"])
+def test_the_controller_model_fails_fast_on_exit_2_and_retries_only_the_failed_index(
+        tmp_path, monkeypatch, script, expected):
+    """The model itself, on stand-in pods: pod 1 fails at once, pod 0 would run 30 s."""
+    monkeypatch.setattr(ij, "DEFAULT_BACKOFF", 0.5)  # the 10 s base delay, shortened for the model check
+    job = h.the(_render({"job": {"replicas": 2, "backoffLimit": 1}}), "Job")
+    pods = stand_in_pods(tmp_path, ["import time; time.sleep(30)", script])
+    indexes = [ij.Index(pod) for pod in pods]
+    try:
+        for pod in pods:
+            pod.start()
+        result = ij.run_job(job, indexes, timeout=25)
+    finally:
+        for pod in pods:
+            pod.kill()
+    assert result == expected
+    assert pods[0].starts == 1  # the other index is never restarted for it
 
 
 @pytest.mark.slow
