@@ -54,8 +54,8 @@ def local_replicas(objects: list[dict[str, Any]], root: Path, secrets: dict[str,
     for index in range(int(job["spec"]["completions"])):
         spec = controller_pod_spec(job, index)
         hosts = {f"{name}-{i}.{subdomain}": host for i in range(int(job["spec"]["completions"]))}
-        replica = h.local_pod(spec, f"{name}-{index}", root, h.configmaps_of(objects), secrets, hosts,
-                              fields={INDEX_FIELD: str(index)})
+        replica = h.local_pod(f"{name}-{index}", spec, "pytorch", root, h.configmaps_of(objects), secrets,
+                              hosts, fields={INDEX_FIELD: str(index)})
         if port is not None:
             endpoint = replica.env["PET_RDZV_ENDPOINT"]
             replica.env["PET_RDZV_ENDPOINT"] = f"{endpoint.rsplit(':', 1)[0]}:{port}"
