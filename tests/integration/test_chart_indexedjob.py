@@ -116,7 +116,7 @@ def test_rendezvous_env_is_the_chart_s_and_the_index_the_controller_s():
     pytest.param({"storage": {"s3": {"uri": "", "credentials": {"existingSecret": ""}}}},
                  "launcher=indexedjob replaces a failed pod with a new one", id="no-durable-outputs"),
     pytest.param({"gangScheduling": {"enabled": True}},
-                 "gangScheduling.enabled needs launcher=pytorchjob", id="gang"),
+                 "gangScheduling.enabled does not work with launcher=indexedjob", id="gang"),
     pytest.param({"extraEnv": [{"name": "JOB_COMPLETION_INDEX", "value": "0"}]},
                  "env JOB_COMPLETION_INDEX is set by the training operator or the chart's launcher",
                  id="controller-env"),

@@ -19,7 +19,7 @@ sentence naming the values involved and the fix. Included once, from the launche
 {{- fail (printf "the PyTorchJob would be named %q, but the training operator names Services after it and they must start with a letter: choose a release name that starts with a letter, or set fullnameOverride" $job) }}
 {{- end }}
 
-{{- $indexed := eq $v.launcher "indexedjob" }}
+{{- $indexed := has $v.launcher (list "indexedjob" "jobset") }}
 {{- if include "dmdr.elastic" . }}
 {{- $min := int $v.elastic.minReplicas }}
 {{- $max := int $v.elastic.maxReplicas }}
@@ -94,10 +94,10 @@ sentence naming the values involved and the fix. Included once, from the launche
 {{- end }}
 
 {{- if and $indexed (not (include "dmdr.durableOutputs" .)) }}
-{{- fail "launcher=indexedjob replaces a failed pod with a new one, which deletes its emptyDir outputs and every checkpoint with them: set storage.s3.uri or storage.outputs.existingClaim" }}
+{{- fail (printf "launcher=%s replaces a failed pod with a new one, which deletes its emptyDir outputs and every checkpoint with them: set storage.s3.uri or storage.outputs.existingClaim" $v.launcher) }}
 {{- end }}
 {{- if and $indexed $v.gangScheduling.enabled }}
-{{- fail "gangScheduling.enabled needs launcher=pytorchjob (the training operator creates the pod group): with launcher=indexedjob admit the pods together with Kueue (kueue.queueName)" }}
+{{- fail (printf "gangScheduling.enabled does not work with launcher=%s (no controller creates the pod group): admit the pods together with Kueue (kueue.queueName), or use launcher=pytorchjob" $v.launcher) }}
 {{- end }}
 {{- if and $v.kueue.queueName $v.gangScheduling.enabled }}
 {{- fail "kueue.queueName and gangScheduling.enabled are both set: Kueue already admits the whole job at once; use one of them" }}
