@@ -7,15 +7,19 @@ is the builtin tiny SDXL built once per module (import it into the test module a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 import helpers_helm as h
+from helpers_s3 import SECRET_KEY, wait_for
 
 MAX_STEPS, CKPT_STEPS = 12, 4
 SECRET = "dmdr-s3"
@@ -119,6 +123,57 @@ def last_logged_step(pods: list[Pod]) -> int:
              for path in [pod.outputs / EXP / "loss_logs" / "loss_gen_log.jsonl"] if path.exists()
              for line in path.read_text().splitlines() if line.strip()]
     return max(steps, default=0)
+
+
+@dataclass
+class LostPod:
+    """What a run of a pod set that lost a pod left for the assertions."""
+    outcome: Any  # the controller model's outcome (helpers_jobset_sim.Outcome)
+    lost: Pod
+    committed: int  # the first checkpoint seen in S3
+    newest: int  # the newest checkpoint in S3 right after the pod was lost
+    lost_after: int  # the newest step rank 0 had logged then
+    everyone: list[Pod]  # every pod of every attempt
+    output: str
+
+
+def lose_pod_1_and_finish(run, moto, bucket: str, first_ckpt_timeout: float, run_timeout: float) -> LostPod:
+    """Start `run` (a helpers_jobset_sim.JobSetRun), SIGKILL pod 1 once a checkpoint is in S3 (a
+    node lost: no SIGTERM, no flush) and supervise the set to its end."""
+    try:
+        run.start()
+        committed = wait_for(lambda: run.step() is None and latest(moto, bucket),
+                             timeout=first_ckpt_timeout, interval=0.2, what="a checkpoint in S3")
+        lost = run.pods[1]
+        lost.kill()
+        newest, lost_after = latest(moto, bucket), last_logged_step(run.pods)
+        outcome = run.run(run_timeout, describe=lambda: "\n".join(
+            f"--- {p.name}\n{p.output()[-3000:]}" for p in run.pods))
+    finally:
+        run.stop()
+    everyone = [p for pods in run.attempts for p in pods]
+    return LostPod(outcome, lost, committed, newest, lost_after, everyone, "".join(p.output() for p in everyone))
+
+
+def assert_set_restarted_once_and_finished(got: LostPod, moto, bucket: str, max_steps: int,
+                                           world: int, nodes: int) -> list[int]:
+    """The whole set restarted once, resumed from a checkpoint no older than the newest in S3
+    when the pod was lost, and finished: every step in the S3 loss log exactly once, no secret in
+    any output. Returns the steps the log says it resumed from."""
+    assert SECRET_KEY not in got.output
+    assert got.outcome.state == "Completed", (got.outcome, got.output[-6000:])
+    assert (got.lost.name, 137) in got.outcome.failures
+    assert got.outcome.restarts == 1 and len(got.everyone) == 2 * nodes  # the whole set, once
+    log = s3_object(moto, bucket, "log.txt").decode()
+    resumed = [int(s) for s in re.findall(r"resumed from \S+/step-(\d+): generator step", log)]
+    assert resumed and resumed[0] >= got.newest >= got.committed >= CKPT_STEPS, (resumed, got)
+    assert got.lost_after - resumed[0] <= CKPT_STEPS, (got.lost_after, resumed)
+    assert latest(moto, bucket) == max_steps
+    manifest = json.loads(s3_object(moto, bucket, f"checkpoints/step-{max_steps}.complete.json"))
+    assert manifest["world_size"] == world and manifest["num_nodes"] == nodes
+    rows = s3_object(moto, bucket, "loss_logs/loss_gen_log.jsonl").decode().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == list(range(1, max_steps + 1))
+    return resumed
 
 
 def cpu_tiny_values(moto, bucket: str, max_steps: int = MAX_STEPS) -> dict:

@@ -11,8 +11,6 @@ once in S3.
 """
 from __future__ import annotations
 
-import json
-import re
 import shutil
 
 import pytest
@@ -20,10 +18,9 @@ import pytest
 import helpers_helm as h
 import helpers_jobset as hj
 from helpers_jobset_sim import JobSetRun
-from helpers_pods import (CKPT_STEPS, SECRET, Pod, cpu_tiny_values, last_logged_step, latest,
-                          s3_object, tiny_model)  # noqa: F401 (fixture)
-from helpers_s3 import (ACCESS_KEY, SECRET_KEY, bucket, free_port, moto, s3_env,  # noqa: F401 (fixtures)
-                        wait_for)
+from helpers_pods import (CKPT_STEPS, SECRET, Pod, assert_set_restarted_once_and_finished, cpu_tiny_values,
+                          lose_pod_1_and_finish, tiny_model)  # noqa: F401 (fixture)
+from helpers_s3 import ACCESS_KEY, SECRET_KEY, bucket, free_port, moto, s3_env  # noqa: F401 (fixtures)
 
 PODS, PROCS = 2, 2
 MAX_STEPS = 2 * CKPT_STEPS
@@ -146,16 +143,6 @@ def test_notes_name_the_jobset_and_its_pods():
     assert "batch.kubernetes.io/job-completion-index=0" in notes
 
 
-def _shell_pods(tmp_path, scripts: list[str]) -> list[Pod]:
-    pods = []
-    for index, script in enumerate(scripts):
-        mounts = {"/workspace/outputs": tmp_path / f"out{index}", "/home/dmdr": tmp_path}
-        mounts["/workspace/outputs"].mkdir()
-        replica = h.LocalReplica(f"pod-{index}", [sys.executable, "-c", script], {}, mounts)
-        pods.append(Pod(replica, tmp_path))
-    return pods
-
-
 @pytest.mark.slow
 def test_jobset_pods_restart_as_a_set_and_finish_after_a_pod_is_lost(tmp_path, moto, bucket, tiny_model):
     values = cpu_tiny_values(moto, bucket, max_steps=MAX_STEPS)
@@ -180,30 +167,5 @@ def test_jobset_pods_restart_as_a_set_and_finish_after_a_pod_is_lost(tmp_path, m
     policy = jobset["spec"]["failurePolicy"]
     assert policy["restartStrategy"] == "BlockingRecreate"
     run = JobSetRun(attempt, max_restarts=policy["maxRestarts"], grace=GRACE)
-    try:
-        run.start()
-        committed = wait_for(lambda: run.step() is None and latest(moto, bucket),
-                             timeout=FIRST_CKPT_TIMEOUT, interval=0.2, what="a checkpoint in S3")
-        lost = run.pods[1]
-        lost.kill()  # a node lost: no SIGTERM, no flush; its Job fails
-        lost_after = last_logged_step(run.pods)
-        outcome = run.run(RUN_TIMEOUT, describe=lambda: "\n".join(
-            f"--- {p.name}\n{p.output()[-3000:]}" for p in run.pods))
-    finally:
-        run.stop()
-
-    everyone = [p for pods in run.attempts for p in pods]
-    output = "".join(p.output() for p in everyone)
-    assert SECRET_KEY not in output
-    assert outcome.state == "Completed", (outcome, output[-6000:])
-    assert (lost.name, 137) in outcome.failures
-    assert outcome.restarts == 1 and len(run.attempts) == 2  # the whole set, once
-    log = s3_object(moto, bucket, "log.txt").decode()
-    resumed = [int(s) for s in re.findall(r"resumed from \S+/step-(\d+): generator step", log)]
-    assert resumed and resumed[0] >= committed, resumed
-    assert lost_after - resumed[0] <= CKPT_STEPS, (lost_after, resumed)
-    assert latest(moto, bucket) == MAX_STEPS
-    manifest = json.loads(s3_object(moto, bucket, f"checkpoints/step-{MAX_STEPS}.complete.json"))
-    assert manifest["world_size"] == PODS * PROCS and manifest["num_nodes"] == PODS
-    rows = s3_object(moto, bucket, "loss_logs/loss_gen_log.jsonl").decode().splitlines()
-    assert [json.loads(r)["step"] for r in rows] == list(range(1, MAX_STEPS + 1))
+    got = lose_pod_1_and_finish(run, moto, bucket, FIRST_CKPT_TIMEOUT, RUN_TIMEOUT)
+    assert_set_restarted_once_and_finished(got, moto, bucket, MAX_STEPS, world=PODS * PROCS, nodes=PODS)

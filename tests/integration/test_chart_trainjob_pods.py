@@ -13,8 +13,6 @@ complete S3 checkpoint with every step in the S3 loss log exactly once.
 """
 from __future__ import annotations
 
-import json
-import re
 import shutil
 
 import pytest
@@ -22,9 +20,9 @@ import pytest
 import helpers_helm as h
 import helpers_trainjob as tj
 from helpers_jobset_sim import JobSetRun
-from helpers_s3 import ACCESS_KEY, SECRET_KEY, bucket, free_port, moto, s3_env, wait_for  # noqa: F401 (fixtures)
+from helpers_s3 import ACCESS_KEY, SECRET_KEY, bucket, free_port, moto, s3_env  # noqa: F401 (fixtures)
 from helpers_pods import CKPT_STEPS, MAX_STEPS, SECRET, Pod, tiny_model  # noqa: F401 (fixture)
-from helpers_pods import latest as _latest, s3_object as _object
+from helpers_pods import assert_set_restarted_once_and_finished, lose_pod_1_and_finish, s3_object as _object
 from test_chart_pods import BATCH, PROCS, REPLICAS
 
 pytestmark = pytest.mark.slow
@@ -69,38 +67,13 @@ def test_trainjob_pods_restart_as_a_set_and_resume_from_s3(tmp_path, moto, bucke
     policy = h.the(objects, "TrainingRuntime")["spec"]["template"]["spec"]["failurePolicy"]
     assert policy["restartStrategy"] == "BlockingRecreate"
     run = JobSetRun(attempt, max_restarts=policy["maxRestarts"], grace=GRACE)
-    try:
-        run.start()
-        committed = wait_for(lambda: run.step() is None and _latest(moto, bucket),
-                             timeout=FIRST_CKPT_TIMEOUT, interval=0.2, what="a checkpoint in S3")
-        assert run.restarts == 0
-        lost = run.pods[1]
-        lost.kill()  # node 1 lost: no SIGTERM, no flush; its Job fails
-        newest = _latest(moto, bucket)
-        outcome = run.run(RUN_TIMEOUT, describe=lambda: "\n".join(
-            f"--- {p.name}\n{p.output()[-3000:]}" for p in run.pods))
-    finally:
-        run.stop()
-
-    everyone = [p for pods in run.attempts for p in pods]
-    output = "".join(p.output() for p in everyone)
-    assert SECRET_KEY not in output
-    assert outcome.state == "Completed", (outcome, output[-6000:])
-    assert (lost.name, 137) in outcome.failures
-    # one restart of the whole set: two new pods, each started once
-    assert outcome.restarts == 1 and len(run.attempts) == 2
-    assert all(p.starts == 1 for p in everyone)
-    log = _object(moto, bucket, "log.txt").decode()
     world = REPLICAS * PROCS
+    got = lose_pod_1_and_finish(run, moto, bucket, FIRST_CKPT_TIMEOUT, RUN_TIMEOUT)
+    resumed = assert_set_restarted_once_and_finished(got, moto, bucket, MAX_STEPS, world=world, nodes=REPLICAS)
+    assert all(p.starts == 1 for p in got.everyone)  # two new pods, each started once
+    log = _object(moto, bucket, "log.txt").decode()
     line = f"{world} processes x batch {BATCH} x accumulation 1 = {world * BATCH} prompts per step"
     assert log.count(line) >= 2, log[-5000:]
-    resumed = [int(s) for s in re.findall(r"resumed from \S+/step-(\d+): generator step", log)]
-    assert resumed and resumed[0] >= newest >= committed >= CKPT_STEPS, (resumed, newest, committed)
     # node 1 is a new pod on an empty disk: it pulled the weights from S3
     pulled = run.pods[1].outputs / "run" / "checkpoints" / "accelerator_1" / f"step-{resumed[0]}"
     assert (pulled / "model.safetensors").is_file() and (pulled / "random_states_0.pkl").is_file()
-    assert _latest(moto, bucket) == MAX_STEPS
-    manifest = json.loads(_object(moto, bucket, f"checkpoints/step-{MAX_STEPS}.complete.json"))
-    assert manifest["world_size"] == world and manifest["num_nodes"] == REPLICAS
-    rows = _object(moto, bucket, "loss_logs/loss_gen_log.jsonl").decode().splitlines()
-    assert [json.loads(r)["step"] for r in rows] == list(range(1, MAX_STEPS + 1))

@@ -63,7 +63,7 @@ def test_fsdp_bf16_train_resume_export(tmp_path):
         assert all(torch.equal(v, sb["model"][k]) for k, v in sa["model"].items()), part
 
     # export consolidates the sharded generator: exactly the trained (unsharded) weights
-    run_dmdr(["export", "--run", str(a), "--step", "latest", "--out", str(tmp_path / "unet")], cache)
+    run_dmdr(["export", "--run", str(a), "--step", "latest", "--dtype", "fp32", "--out", str(tmp_path / "unet")], cache)
     exported = load_file(str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
     trained = _consolidated(tmp_path, ck / "accelerator_1" / "step-3", "gen.pt")["model"]
     assert exported.keys() == trained.keys()
