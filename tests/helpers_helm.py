@@ -32,15 +32,16 @@ PYTORCHJOB_CRD = CRDS_DIR / "kubeflow.org_pytorchjobs.yaml"
 K8S_VERSION = "1.31.0"
 
 
-def _load_render_module():
-    spec = importlib.util.spec_from_file_location("render_chart", ROOT / "ci" / "render_chart.py")
+def load_ci_script(name: str):
+    """The module ci/<name>.py (the ci/ scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "ci" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("render_chart", module)
+    sys.modules.setdefault(name, module)
     spec.loader.exec_module(module)
     return module
 
 
-render_chart = _load_render_module()
+render_chart = load_ci_script("render_chart")
 
 
 def render(values: dict[str, Any] | None = None, release: str = "run",

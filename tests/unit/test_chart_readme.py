@@ -2,20 +2,16 @@
 `make chart-readme`) and must not fall behind it."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
+
+import helpers_helm as h
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("chart_readme", ROOT / "ci" / "chart_readme.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("chart_readme", module)
-    spec.loader.exec_module(module)
-    return module
+    return h.load_ci_script("chart_readme")
 
 
 def test_chart_readme_values_table_is_up_to_date():
