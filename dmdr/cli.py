@@ -39,10 +39,11 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dmdr import inference
+    from dmdr import exports
 
-    out = inference.export(Path(args.run), args.step, Path(args.out), _overrides(args), dtype=args.dtype)
-    print(f"exported generator UNet ({args.format}, {args.dtype}): {out}")
+    out = exports.export(Path(args.run), args.step, Path(args.out), fmt=args.format, dtype=args.dtype,
+                         overrides=_overrides(args))
+    print(f"exported generator ({args.format}, {args.dtype}): {out}")
     return 0
 
 
@@ -75,7 +76,7 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line. It imports only light modules (no torch, numpy or boto3): each
     command imports what it needs when it runs, so `dmdr --help` answers at once."""
-    from dmdr import config, demo, plot, score, weights_cli
+    from dmdr import config, demo, exports, plot, score, weights_cli
     from dmdr.storage import cli as storage_cli
 
     parser = argparse.ArgumentParser(prog="dmdr", description="DMDR: one-step SDXL distillation with rewards.")
@@ -103,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory (<output-dir>/<exp-name>)")
     p.add_argument("--step", default="latest", help="checkpoint step or 'latest'")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--format", default="diffusers", choices=("diffusers",),
+    p.add_argument("--format", default="diffusers", choices=exports.FORMATS,
                    help="diffusers: a UNet2DConditionModel folder (safetensors) plus dmdr_export.json [default: diffusers]")
-    p.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"),
+    p.add_argument("--dtype", default="fp16", choices=exports.DTYPES,
                    help="precision of the saved weights [default: fp16, the size people download]")
     _add_run_overrides(p)
     p.set_defaults(func=_export)

@@ -1,4 +1,4 @@
-"""Use a trained generator: load it from a checkpoint or an exported folder, sample, export."""
+"""Use a trained generator: load it from a checkpoint or an exported folder, and sample (exports: dmdr.exports)."""
 from __future__ import annotations
 
 import copy
@@ -179,17 +179,3 @@ def sample_to_dir(run_dir: Path, step: str, prompts: list[str], out_dir: Path, s
             "images": [{"image": p.name, "prompt": t, "seed": data.prompt_seed(t, seed)} for p, t in zip(paths, prompts)]}
     (out_dir / "sample.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return paths
-
-
-EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def export(run_dir: Path, step: str, out_dir: Path, overrides: dict | None = None, dtype: str = "fp16") -> Path:
-    """The generator of checkpoint ``step`` as a diffusers UNet folder in ``dtype``, with the run's
-    sampling timesteps (every step count) in its dmdr_export.json."""
-    cfg = load_run_config(run_dir, overrides)
-    _, unet = load_generator(cfg, run_dir, find_checkpoint(run_dir, step), torch.device("cpu"))
-    steps = sampling_grid(cfg)[:-1].tolist()  # one step: a --generator-timesteps list is its conditioning timestep
-    conditioning = steps[0] if len(steps) == 1 else cfg.conditioning_timestep
-    return sdxl.export_unet(unet, out_dir, conditioning_timestep=conditioning, num_steps=cfg.sample_num_steps,
-                            timesteps=steps, dtype=EXPORT_DTYPES[dtype])

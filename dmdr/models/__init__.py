@@ -1,4 +1,4 @@
-"""SDXL model loading, LoRA, the tiny random SDXL pipeline and UNet export."""
+"""SDXL model loading, LoRA and the tiny random SDXL pipeline (exports: dmdr.exports)."""
 
 from dmdr.models.sdxl import (
     LORA_TARGET_MODULES,
@@ -7,13 +7,11 @@ from dmdr.models.sdxl import (
     add_guidance_lora,
     decode_to_images,
     encode_prompts,
-    export_unet,
     has_lora,
     load_lora,
     load_ode_init,
     load_sdxl,
     lora_state_dict,
-    merged_unet,
     predict_eps,
     register_pretrained_resolver,
     resolve_pretrained,
@@ -25,7 +23,7 @@ from dmdr.models.tiny import TINY_SPEC_VERSION, build_tiny_sdxl
 
 __all__ = [
     "LORA_TARGET_MODULES", "SDXLParts", "TINY_SPEC_VERSION", "add_generator_lora", "add_guidance_lora",
-    "build_tiny_sdxl", "decode_to_images", "encode_prompts", "export_unet", "has_lora", "load_lora",
-    "load_ode_init", "load_sdxl", "lora_state_dict", "merged_unet", "predict_eps",
+    "build_tiny_sdxl", "decode_to_images", "encode_prompts", "has_lora", "load_lora",
+    "load_ode_init", "load_sdxl", "lora_state_dict", "predict_eps",
     "register_pretrained_resolver", "resolve_pretrained", "save_lora", "time_ids", "unwrap",
 ]

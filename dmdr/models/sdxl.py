@@ -1,7 +1,7 @@
-"""SDXL parts for DMDR: loading, text conditioning, UNet calls, LoRA, ODE init, decoding, export.
+"""SDXL parts for DMDR: loading, text conditioning, UNet calls, LoRA, ODE init, decoding.
 
 Everything here works on plain diffusers/transformers modules; functions that inspect a model
-(`save_lora`, `export_unet`, ...) accept it wrapped by DDP/accelerate/torch.compile too.
+(`save_lora`, `lora_state_dict`, ...) accept it wrapped by DDP/accelerate/torch.compile too.
 The real score is the guidance UNet called with LoRA scale 0 and the fake score the same UNet at
 the fake LoRA scale: `tests/unit/test_lora_scale.py` guards that trick.
 """
@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,7 +296,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _lora_config(rank: int, alpha: int) -> Any:
+def lora_config(rank: int, alpha: int) -> Any:
+    """The peft LoraConfig of dmdr's UNet adapters (gaussian init, LORA_TARGET_MODULES)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -309,7 +308,7 @@ def _lora_config(rank: int, alpha: int) -> Any:
 def _add_lora(unet: torch.nn.Module, rank: int, alpha: int) -> None:
     model = unwrap(unet)
     model.requires_grad_(False)
-    model.add_adapter(_lora_config(rank, alpha), adapter_name=ADAPTER)
+    model.add_adapter(lora_config(rank, alpha), adapter_name=ADAPTER)
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
 
@@ -343,7 +342,8 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, Tensor]:
     return {name: param.detach() for name, param in _lora_params(unet).items()}
 
 
-def _lora_meta(unet: torch.nn.Module) -> dict:
+def lora_meta(unet: torch.nn.Module) -> dict:
+    """The adapter's settings as dmdr writes them to adapter_config.json."""
     config = unwrap(unet).peft_config[ADAPTER]
     return {
         "r": int(config.r),
@@ -368,7 +368,7 @@ def save_lora(unet: torch.nn.Module, directory: str | Path, state: dict[str, Ten
     tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
     for name, write in (
         (LORA_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"})),
-        (LORA_CONFIG, lambda p: p.write_text(json.dumps(_lora_meta(unet), indent=2) + "\n")),
+        (LORA_CONFIG, lambda p: p.write_text(json.dumps(lora_meta(unet), indent=2) + "\n")),
     ):
         tmp = directory / f".{name}.tmp"
         write(tmp)
@@ -391,7 +391,7 @@ def load_lora(unet: torch.nn.Module, directory: str | Path) -> None:
         ) from exc
     if not has_lora(unet):
         _add_lora(unet, int(meta["r"]), int(meta["lora_alpha"]))
-    ours = _lora_meta(unet)
+    ours = lora_meta(unet)
     for key in ("r", "lora_alpha", "target_modules"):
         if meta.get(key) != ours[key]:
             raise UserError(
@@ -467,89 +467,3 @@ def decode_to_images(vae: torch.nn.Module, latents: Tensor) -> Tensor:
     z = latents.to(next(vae.parameters()).dtype) / config.scaling_factor + shift
     images = unwrap(vae).decode(z).sample
     return (images / 2 + 0.5).clamp(0, 1)
-
-
-# ----------------------------------------------------------------------------- export
-def merged_unet(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A CPU copy of the UNet with any LoRA merged into the base weights; the input is untouched.
-
-    The copy is built on the meta device and takes CPU clones of the weights, so no second copy
-    of the model lands on the accelerator. Merging happens in fp32; the result is cast to `dtype`
-    (default: the dtype of the UNet's base weights).
-    """
-    from diffusers import UNet2DConditionModel
-
-    model = unwrap(unet)
-    dtype = dtype or model.conv_in.weight.dtype
-    state = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items()}
-    with torch.device("meta"):
-        clone = UNet2DConditionModel.from_config(model.config)
-    if has_lora(model):
-        meta = _lora_meta(model)
-        clone.add_adapter(_lora_config(meta["r"], meta["lora_alpha"]), adapter_name=ADAPTER)
-    clone.load_state_dict(state, strict=True, assign=True)
-    if has_lora(clone):
-        clone.fuse_lora(safe_fusing=True)
-        clone.unload_lora()
-    for param in clone.parameters():  # cast tensors directly: ModelMixin.to() warns about fp32 modules
-        param.data = param.data.to(dtype)
-    return clone.eval().requires_grad_(False)
-
-
-def _replace_dir(built: Path, dest: Path) -> None:
-    """Move a finished folder into place, replacing an older one at `dest`."""
-    if dest.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-        os.replace(dest, trash / "old")
-        shutil.rmtree(trash, ignore_errors=True)
-    os.replace(built, dest)
-
-
-def export_unet(
-    unet: torch.nn.Module,
-    out_dir: str | Path,
-    *,
-    conditioning_timestep: int,
-    num_steps: int,
-    timesteps: Sequence[int] | None = None,
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Export the generator as a diffusers UNet folder (safetensors) plus dmdr_export.json.
-
-    A LoRA generator is merged on a copy. The folder loads with
-    `UNet2DConditionModel.from_pretrained` and plugs into
-    `StableDiffusionXLPipeline.from_pretrained(base, unet=...)`. `timesteps` are the sampling
-    timesteps (default `[conditioning_timestep]` for one step); `dtype` the saved precision.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if timesteps is None and num_steps == 1:
-        timesteps = [conditioning_timestep]
-    model = merged_unet(unet, dtype)
-    build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(build, safe_serialization=True)
-        info = {
-            "format": "dmdr-unet-export",
-            "version": 1,
-            "conditioning_timestep": int(conditioning_timestep),
-            "num_steps": int(num_steps),
-            "timesteps": None if timesteps is None else [int(s) for s in timesteps],
-            "prediction_type": "epsilon",
-            "guidance_scale": 0,
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "how_to_sample": (
-                "unet = UNet2DConditionModel.from_pretrained(<this folder>); pipe = "
-                "StableDiffusionXLPipeline.from_pretrained(<SDXL base>, unet=unet); "
-                "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config); "
-                "pipe(prompt, num_inference_steps=len(timesteps), timesteps=timesteps, guidance_scale=0). "
-                "Each step t of timesteps: eps = unet(x, t) (x ~ N(0, I) at the first), "
-                "x0 = (x - sqrt(1 - alpha_bar_t) * eps) / sqrt(alpha_bar_t), then x = x0 re-noised with fresh noise "
-                "to the next timestep; the last x0 is decoded with the VAE."
-            ),
-        }
-        (build / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        _replace_dir(build, out_dir)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    return out_dir

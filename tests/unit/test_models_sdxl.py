@@ -12,11 +12,11 @@ from helpers_models import RES, randomize_lora_b, single_thread, tiny_path, unet
 from safetensors.torch import load_file, save_file
 
 from dmdr.errors import UserError
+from dmdr.exports.diffusers_unet import export_unet
 from dmdr.models import (
     LORA_TARGET_MODULES,
     add_generator_lora,
     add_guidance_lora,
-    export_unet,
     has_lora,
     load_lora,
     load_ode_init,
