@@ -40,9 +40,10 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from dmdr import exports
+    from dmdr.storage.cli import config_from_args
 
-    out = exports.export(Path(args.run), args.step, Path(args.out), fmt=args.format, dtype=args.dtype,
-                         overrides=_overrides(args))
+    out = exports.export(args.run, args.step, args.out, fmt=args.format, dtype=args.dtype,
+                         overrides=_overrides(args), s3=lambda uri: config_from_args(args, uri))
     print(f"exported generator ({args.format}, {args.dtype}): {out}")
     return 0
 
@@ -100,15 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_overrides(p)
     p.set_defaults(func=_sample)
 
-    p = sub.add_parser("export", help="the generator as a diffusers UNet folder (safetensors)")
-    p.add_argument("--run", required=True, help="run directory (<output-dir>/<exp-name>)")
+    p = sub.add_parser("export", help="the generator in a format people load (diffusers UNet folder, ...)")
+    p.add_argument("--run", required=True, help="run directory (<output-dir>/<exp-name>), or an s3:// run "
+                                                "(s3://BUCKET/PREFIX/EXP: the checkpoint is pulled into --cache-dir)")
     p.add_argument("--step", default="latest", help="checkpoint step or 'latest'")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder, or an s3:// key to upload it to")
     p.add_argument("--format", default="diffusers", choices=exports.FORMATS,
                    help="diffusers: a UNet2DConditionModel folder (safetensors) plus dmdr_export.json [default: diffusers]")
     p.add_argument("--dtype", default="fp16", choices=exports.DTYPES,
                    help="precision of the saved weights [default: fp16, the size people download]")
     _add_run_overrides(p)
+    storage_cli.add_s3_options(p)
     p.set_defaults(func=_export)
 
     score.add_parser(sub)

@@ -1,25 +1,37 @@
 """`dmdr export`: the trained generator in the formats people use it in.
 
 One module per format, each with a function ``write(source, out, dtype)`` given an `ExportSource`
-(the run's config, the loaded generator and its sampling timesteps):
+(the run's config, the loaded generator and its sampling timesteps), and optionally ``LAST``, the file
+of a folder export that is uploaded last (its presence in the store means the folder is whole):
 
     diffusers_unet  a diffusers UNet2DConditionModel folder plus dmdr_export.json (`--format diffusers`)
 
-`export()` loads the checkpoint once and hands it to the chosen format.
+`export()` loads the checkpoint once and hands it to the chosen format. The run can be an `s3://`
+run (one checkpoint is pulled into the cache, verified) and the output an `s3://` key (written
+locally first, then uploaded).
 """
 from __future__ import annotations
 
+import importlib
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from dmdr.storage.uri import S3Uri, is_s3_uri
 
 if TYPE_CHECKING:
     import torch
 
     from dmdr.config import TrainConfig
     from dmdr.models.sdxl import SDXLParts
+    from dmdr.storage.client import StorageConfig
 
-FORMATS = ("diffusers",)
+#: ``--format`` name -> the module (in this package) that writes it.
+_MODULES = {"diffusers": "diffusers_unet"}
+FORMATS = tuple(_MODULES)
+DEFAULT_CACHE = "~/.cache/dmdr"
 DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -61,12 +73,43 @@ def load_source(run_dir: Path, step: str, overrides: dict | None = None) -> Expo
     return ExportSource(cfg, run_dir, ckpt_step, parts, unet, steps)
 
 
-def export(run_dir: Path, step: str, out: Path, *, fmt: str = "diffusers", dtype: str = "fp16",
-           overrides: dict | None = None) -> Path:
-    """Export checkpoint ``step`` of ``run_dir`` to ``out`` in format ``fmt`` and precision ``dtype``."""
-    if fmt not in FORMATS:
+def export(run: str | Path, step: str, out: str | Path, *, fmt: str = "diffusers", dtype: str = "fp16",
+           overrides: dict | None = None, s3: Callable[[str], "StorageConfig"] | None = None) -> str:
+    """Export checkpoint ``step`` of the run ``run`` (a directory or an ``s3://`` run) to ``out`` (a local
+    path or an ``s3://`` key) in format ``fmt`` and precision ``dtype``; returns where it went.
+    ``s3(uri)`` gives the storage settings for an ``s3://`` URI."""
+    if fmt not in _MODULES:
         raise ValueError(f"unknown export format {fmt!r}; one of {FORMATS}")
-    source = load_source(run_dir, step, overrides)
-    from dmdr.exports import diffusers_unet
+    writer = importlib.import_module(f"dmdr.exports.{_MODULES[fmt]}")
+    run, out = str(run), str(out)
+    if is_s3_uri(run):
+        from dmdr.storage import staging
 
-    return diffusers_unet.write(source, out, dtype)
+        cache = Path((overrides or {}).get("cache_dir") or DEFAULT_CACHE)
+        run_dir, step = staging.local_run(run, step, cache, _storage(s3, run))
+    else:
+        run_dir = Path(run)
+    if not is_s3_uri(out):
+        source = load_source(run_dir, step, overrides)
+        return str(writer.write(source, Path(out), dtype))
+    name = S3Uri.parse(out).name
+    if not name:
+        from dmdr.errors import UserError
+
+        raise UserError(f"--out {out} names a bucket, not a key: write s3://BUCKET/PATH/NAME")
+    cfg = _storage(s3, out)
+    source = load_source(run_dir, step, overrides)
+    with tempfile.TemporaryDirectory(prefix="dmdr-export-") as tmp:
+        from dmdr.storage import staging
+
+        local = writer.write(source, Path(tmp) / name, dtype)
+        staging.upload(Path(local), out, cfg, last=getattr(writer, "LAST", None))
+    return out
+
+
+def _storage(s3: Callable[[str], "StorageConfig"] | None, uri: str) -> "StorageConfig":
+    if s3 is not None:
+        return s3(uri)
+    from dmdr.storage.client import StorageConfig
+
+    return StorageConfig(s3_uri=uri)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from dmdr.models.sdxl import ADAPTER, EXPORT_INFO, lora_config, lora_meta, has_lora, unwrap
+from dmdr.models.sdxl import ADAPTER, EXPORT_INFO, has_lora, lora_config, lora_meta, unwrap
+
+LAST = EXPORT_INFO  # a folder in the store is whole once its dmdr_export.json is there
 
 
 def merged_unet(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -107,3 +107,35 @@ def test_a_plain_pull_is_enough_for_sample_and_the_store_has_the_plot(trained, d
     assert head["ContentLength"] > 1000
     dmdr(["dmdr", "plot", "--run", uri])
     assert Image.open(tmp_path / "exp-losses.png").size[0] > 400
+
+
+def test_export_reads_an_s3_run_and_writes_its_result_to_s3(trained, dmdr, tmp_path, capsys):
+    """`dmdr export --run s3://... --out s3://...`: the checkpoint is pulled into --cache-dir (once), the
+    export folder lands under the key with its dmdr_export.json, and it loads like a local export."""
+    from diffusers import UNet2DConditionModel
+
+    moto, uri, cache = trained
+    bucket = uri.split("/")[2]
+    dest = f"s3://{bucket}/exports/unet-fp32"
+    out, _ = dmdr(["dmdr", "export", "--run", uri, "--out", dest, "--dtype", "fp32", "--cache-dir", str(cache)])
+    assert dest in out
+    keys = sorted(o["Key"] for o in moto.client().list_objects_v2(Bucket=bucket, Prefix="exports/")["Contents"])
+    assert keys == ["exports/unet-fp32/config.json", "exports/unet-fp32/diffusion_pytorch_model.safetensors",
+                    "exports/unet-fp32/dmdr_export.json"]
+    pulled = cache / "s3" / bucket / "prefix" / "exp"
+    assert (pulled / "checkpoints" / "step-2.generator.json").is_file()
+    assert not (pulled / "checkpoints" / "accelerator_2").exists()  # the generator only, not the optimiser
+
+    local = tmp_path / "dl"
+    for key in keys:
+        (local / key).parent.mkdir(parents=True, exist_ok=True)
+        moto.client().download_file(bucket, key, str(local / key))
+    dmdr(["dmdr", "export", "--run", str(pulled), "--out", "here", "--dtype", "fp32"])
+    theirs = UNet2DConditionModel.from_pretrained(local / "exports" / "unet-fp32").state_dict()
+    ours = UNet2DConditionModel.from_pretrained(tmp_path / "here").state_dict()
+    assert theirs.keys() == ours.keys() and all(theirs[k].equal(ours[k]) for k in ours)
+
+    # a run that is not there: one line naming it, exit 2, nothing left in the bucket
+    assert cli.main(["export", "--run", f"s3://{bucket}/prefix/nope", "--out", f"s3://{bucket}/exports/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "prefix/nope" in err and "no complete checkpoint" in err
