@@ -5,6 +5,7 @@ One module per format, each with a function ``write(source, out, dtype)`` given 
 of a folder export that is uploaded last (its presence in the store means the folder is whole):
 
     diffusers_unet  a diffusers UNet2DConditionModel folder plus dmdr_export.json (`--format diffusers`)
+    lora            the generator LoRA in the diffusers and kohya formats (`--format lora`)
 
 `export()` loads the checkpoint once and hands it to the chosen format. The run can be an `s3://`
 run (one checkpoint is pulled into the cache, verified) and the output an `s3://` key (written
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from dmdr.storage.client import StorageConfig
 
 #: ``--format`` name -> the module (in this package) that writes it.
-_MODULES = {"diffusers": "diffusers_unet"}
+_MODULES = {"diffusers": "diffusers_unet", "lora": "lora"}
 FORMATS = tuple(_MODULES)
 DEFAULT_CACHE = "~/.cache/dmdr"
 DTYPES = ("fp32", "fp16", "bf16")
@@ -74,12 +75,19 @@ def load_source(run_dir: Path, step: str, overrides: dict | None = None) -> Expo
 
 
 def export(run: str | Path, step: str, out: str | Path, *, fmt: str = "diffusers", dtype: str = "fp16",
-           overrides: dict | None = None, s3: Callable[[str], "StorageConfig"] | None = None) -> str:
+           overrides: dict | None = None, s3: Callable[[str], "StorageConfig"] | None = None,
+           extract_lora: int | None = None) -> str:
     """Export checkpoint ``step`` of the run ``run`` (a directory or an ``s3://`` run) to ``out`` (a local
     path or an ``s3://`` key) in format ``fmt`` and precision ``dtype``; returns where it went.
-    ``s3(uri)`` gives the storage settings for an ``s3://`` URI."""
+    ``s3(uri)`` gives the storage settings for an ``s3://`` URI; ``extract_lora`` the rank of a LoRA
+    extracted from a full fine-tune (`--format lora` only)."""
     if fmt not in _MODULES:
         raise ValueError(f"unknown export format {fmt!r}; one of {FORMATS}")
+    options = {} if extract_lora is None else {"extract_lora": extract_lora}
+    if options and fmt != "lora":
+        from dmdr.errors import UserError
+
+        raise UserError(f"--extract-lora is an option of --format lora, not of --format {fmt}")
     writer = importlib.import_module(f"dmdr.exports.{_MODULES[fmt]}")
     run, out = str(run), str(out)
     if is_s3_uri(run):
@@ -91,7 +99,7 @@ def export(run: str | Path, step: str, out: str | Path, *, fmt: str = "diffusers
         run_dir = Path(run)
     if not is_s3_uri(out):
         source = load_source(run_dir, step, overrides)
-        return str(writer.write(source, Path(out), dtype))
+        return str(writer.write(source, Path(out), dtype, **options))
     name = S3Uri.parse(out).name
     if not name:
         from dmdr.errors import UserError
@@ -102,7 +110,7 @@ def export(run: str | Path, step: str, out: str | Path, *, fmt: str = "diffusers
     with tempfile.TemporaryDirectory(prefix="dmdr-export-") as tmp:
         from dmdr.storage import staging
 
-        local = writer.write(source, Path(tmp) / name, dtype)
+        local = writer.write(source, Path(tmp) / name, dtype, **options)
         staging.upload(Path(local), out, cfg, last=getattr(writer, "LAST", None))
     return out
 
