@@ -2,7 +2,9 @@
 
 The folder holds
     pytorch_lora_weights.safetensors   diffusers' format (`pipe.load_lora_weights(folder)`), written by
-                                       `save_lora_weights` from peft's own state dict (keys `unet.<module>.lora_A/B.weight`)
+                                       `save_lora_weights` from peft's own state dict
+                                       (keys `unet.<module>.lora_A/B.weight`; not `convert_state_dict_to_diffusers`,
+                                       whose legacy attention keys diffusers 0.42.1's loader drops)
     <folder name>_kohya.safetensors    the kohya key format (`lora_unet_<module>.lora_down/lora_up.weight`, `.alpha`)
                                        that A1111 and ComfyUI read, converted by `convert_state_dict_to_kohya`
     dmdr_export.json                   the sampling timesteps, the rank and, for an extracted LoRA, its error
@@ -75,7 +77,8 @@ def _targets(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 @torch.no_grad()
-def extract(generator: torch.nn.Module, teacher: torch.nn.Module, rank: int) -> tuple[dict[str, torch.Tensor], int, dict]:
+def extract(generator: torch.nn.Module, teacher: torch.nn.Module,
+            rank: int) -> tuple[dict[str, torch.Tensor], int, dict]:
     """A rank-`rank` LoRA of generator - teacher on the target modules (truncated SVD in fp32).
 
     Returns the weights in peft's key layout (alpha = rank), the rank used (`rank`, capped at the
@@ -88,10 +91,11 @@ def extract(generator: torch.nn.Module, teacher: torch.nn.Module, rank: int) -> 
     targets = _targets(gen)
     rank = min(rank, max(min(m.weight.shape[0], m.weight[0].numel()) for m in targets.values()))
     weights, dropped, delta_sq = {}, 0.0, 0.0
+    svd_on = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # SDXL's 788 SVDs: long on a CPU
     for name, module in targets.items():
         w = module.weight.float()
         delta = (w - theirs[name].weight.float()).reshape(w.shape[0], -1)
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        u, s, vh = (x.cpu() for x in torch.linalg.svd(delta.to(svd_on), full_matrices=False))
         keep = min(rank, s.numel())
         dropped += float(s[keep:].square().sum())
         delta_sq += float(s.square().sum())
