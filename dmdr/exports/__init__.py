@@ -1,8 +1,9 @@
 """`dmdr export`: the trained generator in the formats people use it in.
 
 One module per format, each with a function ``write(source, out, dtype)`` given an `ExportSource`
-(the run's config, the loaded generator and its sampling timesteps), and optionally ``LAST``, the file
-of a folder export that is uploaded last (its presence in the store means the folder is whole):
+(the run's config, the loaded generator and its sampling timesteps), optionally ``LAST``, the file
+of a folder export that is uploaded last (its presence in the store means the folder is whole), and
+optionally ``check(cfg, **options)``, which refuses options the run cannot take before anything loads:
 
     diffusers_unet  a diffusers UNet2DConditionModel folder plus dmdr_export.json (`--format diffusers`)
     lora            the generator LoRA in the diffusers and kohya formats (`--format lora`)
@@ -13,6 +14,7 @@ locally first, then uploaded).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import tempfile
 from collections.abc import Callable
@@ -61,13 +63,17 @@ class ExportSource:
         return self.timesteps[0] if len(self.timesteps) == 1 else self.cfg.conditioning_timestep
 
 
-def load_source(run_dir: Path, step: str, overrides: dict | None = None) -> ExportSource:
-    """Load checkpoint ``step`` ('latest' or a number) of the run in ``run_dir`` on the CPU."""
+def load_source(run_dir: Path, step: str, overrides: dict | None = None,
+                check: Callable[["TrainConfig"], None] | None = None) -> ExportSource:
+    """Load checkpoint ``step`` ('latest' or a number) of the run in ``run_dir`` on the CPU; ``check(cfg)``
+    first refuses options the run's config cannot take (before the models load)."""
     import torch
 
     from dmdr import inference
 
     cfg = inference.load_run_config(run_dir, overrides)
+    if check is not None:
+        check(cfg)
     ckpt_step = inference.find_checkpoint(run_dir, step)
     parts, unet = inference.load_generator(cfg, run_dir, ckpt_step, torch.device("cpu"))
     steps = [int(t) for t in inference.sampling_grid(cfg)[:-1].tolist()]
@@ -89,6 +95,8 @@ def export(run: str | Path, step: str, out: str | Path, *, fmt: str = "diffusers
 
         raise UserError(f"--extract-lora is an option of --format lora, not of --format {fmt}")
     writer = importlib.import_module(f"dmdr.exports.{_MODULES[fmt]}")
+    check = getattr(writer, "check", None)
+    check = None if check is None else functools.partial(check, **options)
     run, out = str(run), str(out)
     if is_s3_uri(run):
         from dmdr.storage import staging
@@ -98,7 +106,7 @@ def export(run: str | Path, step: str, out: str | Path, *, fmt: str = "diffusers
     else:
         run_dir = Path(run)
     if not is_s3_uri(out):
-        source = load_source(run_dir, step, overrides)
+        source = load_source(run_dir, step, overrides, check)
         return str(writer.write(source, Path(out), dtype, **options))
     name = S3Uri.parse(out).name
     if not name:
@@ -106,7 +114,7 @@ def export(run: str | Path, step: str, out: str | Path, *, fmt: str = "diffusers
 
         raise UserError(f"--out {out} names a bucket, not a key: write s3://BUCKET/PATH/NAME")
     cfg = _storage(s3, out)
-    source = load_source(run_dir, step, overrides)
+    source = load_source(run_dir, step, overrides, check)
     with tempfile.TemporaryDirectory(prefix="dmdr-export-") as tmp:
         from dmdr.storage import staging
 

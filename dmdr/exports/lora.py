@@ -37,8 +37,8 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_SUFFIX = "_kohya.safetensors"
 
 
-def check_options(cfg, extract_lora: int | None) -> None:
-    """One clear error for a LoRA export this run cannot give."""
+def check(cfg, extract_lora: int | None = None) -> None:
+    """One clear error for a LoRA export this run cannot give (`export()` calls it before loading models)."""
     if extract_lora is not None and extract_lora < 1:
         raise UserError(f"--extract-lora {extract_lora}: the rank must be a positive integer")
     if cfg.use_lora_gen and extract_lora is not None and not cfg.xl_ode_pretrain_path:
@@ -136,7 +136,7 @@ def write(source, out: Path, dtype: str, extract_lora: int | None = None) -> Pat
     from dmdr.exports import torch_dtype
 
     cfg = source.cfg
-    check_options(cfg, extract_lora)
+    check(cfg, extract_lora)
     if extract_lora is None:
         weights, rank = adapter_weights(source.unet)
         extracted = None

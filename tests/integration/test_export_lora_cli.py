@@ -61,3 +61,17 @@ def test_cli_lora_export_loads_in_diffusers_as_the_merged_generator(lora_run, dm
     err = capsys.readouterr().err
     assert "--extract-lora is an option of --format lora" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_refuses_a_lora_the_run_cannot_give_before_loading_it(lora_run, dmdr, tmp_path, capsys):
+    """The run's args.json decides: a folder with only that (no checkpoint, no models) gets the option's error."""
+    run, _ = lora_run
+    bare = tmp_path / "full-run"
+    bare.mkdir()
+    args = json.loads((run / "args.json").read_text())
+    (bare / "args.json").write_text(json.dumps({**args, "use_lora_gen": False}))
+    capsys.readouterr()
+    assert dmdr("export", "--run", str(bare), "--out", str(tmp_path / "x"), "--format", "lora") == 2
+    err = capsys.readouterr().err
+    assert "fine-tuned the full UNet (no --use-lora-gen); add --extract-lora RANK" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

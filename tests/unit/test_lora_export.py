@@ -125,4 +125,4 @@ def test_extracted_lora_error_is_the_dropped_singular_values(tiny_path, tmp_path
 ])
 def test_a_lora_the_run_cannot_give_is_one_clear_error(cfg, extract, message):
     with pytest.raises(UserError, match=message):
-        lora_export.check_options(TrainConfig(**cfg), extract)
+        lora_export.check(TrainConfig(**cfg), extract)
