@@ -150,7 +150,8 @@ def write(source, out: Path, dtype: str, extract_lora: int | None = None) -> Pat
         "source": "adapter" if extracted is None else "extracted", "extraction": extracted,
         "base_model": cfg.pretrained_model, "files": {"diffusers": DIFFUSERS_FILE, "kohya": kohya_name},
         "conditioning_timestep": source.conditioning_timestep, "num_steps": cfg.sample_num_steps,
-        "timesteps": source.timesteps, "prediction_type": "epsilon", "guidance_scale": 0, "dtype": dtype,
+        "timesteps": source.timesteps, "prediction_type": "epsilon", "guidance_scale": 0,
+        "dtype": str(torch_dtype(dtype)).removeprefix("torch."),
         "how_to_sample": (
             "pipe = StableDiffusionXLPipeline.from_pretrained(<SDXL base>); pipe.load_lora_weights(<this folder>); "
             "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config); "
