@@ -43,7 +43,8 @@ def _export(args: argparse.Namespace) -> int:
     from dmdr.storage.cli import config_from_args
 
     out = exports.export(args.run, args.step, args.out, fmt=args.format, dtype=args.dtype,
-                         overrides=_overrides(args), s3=lambda uri: config_from_args(args, uri))
+                         overrides=_overrides(args), s3=lambda uri: config_from_args(args, uri),
+                         extract_lora=args.extract_lora)
     print(f"exported generator ({args.format}, {args.dtype}): {out}")
     return 0
 
@@ -107,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", default="latest", help="checkpoint step or 'latest'")
     p.add_argument("--out", required=True, help="output folder, or an s3:// key to upload it to")
     p.add_argument("--format", default="diffusers", choices=exports.FORMATS,
-                   help="diffusers: a UNet2DConditionModel folder (safetensors) plus dmdr_export.json [default: diffusers]")
+                   help="diffusers: a UNet2DConditionModel folder (safetensors) plus dmdr_export.json; lora: the "
+                        "generator LoRA for diffusers (pytorch_lora_weights.safetensors) and A1111/ComfyUI "
+                        "(<out>_kohya.safetensors) [default: diffusers]")
+    p.add_argument("--extract-lora", type=int, default=None, metavar="RANK",
+                   help="--format lora of a full fine-tune: a rank-RANK LoRA of its difference to the base "
+                        "(truncated SVD; the error is printed and recorded in dmdr_export.json)")
     p.add_argument("--dtype", default="fp16", choices=exports.DTYPES,
                    help="precision of the saved weights [default: fp16, the size people download]")
     _add_run_overrides(p)

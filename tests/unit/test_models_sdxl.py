@@ -96,6 +96,24 @@ def test_save_load_lora_round_trip(tiny_path, tmp_path):
     assert has_lora(bare) and torch.equal(_eps(bare), _eps(source))
 
 
+def test_lora_checkpoint_is_peft_own_serialisation(tiny_path, tmp_path):
+    """The checkpoint adapter file holds what peft's get_peft_model_state_dict gives, key for key, and peft's
+    set_peft_model_state_dict reads it: the format needs no change, and checkpoints of every dmdr so far load."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    source = _unet(tiny_path)
+    add_generator_lora(source, rank=4, alpha=8)
+    randomize_lora_b(source)
+    folder = save_lora(source, tmp_path / "lora_gen" / "step-3")
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    peft_own = get_peft_model_state_dict(source)
+    assert saved.keys() == peft_own.keys() and all(torch.equal(saved[k], v) for k, v in peft_own.items())
+    fresh = _unet(tiny_path)
+    add_generator_lora(fresh, rank=4, alpha=8)
+    result = set_peft_model_state_dict(fresh, saved)
+    assert not result.unexpected_keys and torch.equal(_eps(fresh), _eps(source))
+
+
 def test_load_lora_mismatch_is_a_user_error(tiny_path, tmp_path):
     source = _unet(tiny_path)
     add_guidance_lora(source, rank=4)
