@@ -41,8 +41,19 @@ def merged_unet(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> torc
     return clone.eval().requires_grad_(False)
 
 
+def shareable(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes of any file the user creates
+    (0666/0777 less the umask): mkdtemp makes folders 0700 and safetensors writes files 0600, which a
+    shared ComfyUI/A1111 install or another user of the cluster cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def replace_dir(built: Path, dest: Path) -> None:
-    """Move a finished folder into place, replacing an older one at `dest`."""
+    """Move a finished folder into place (modes as `shareable` makes them), replacing an older one at `dest`."""
+    shareable(built)
     if dest.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
         os.replace(dest, trash / "old")

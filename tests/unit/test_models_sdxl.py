@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -173,6 +175,18 @@ def test_export_without_lora_is_exact_and_replaces_an_old_export(tiny_path, tmp_
     assert all(v.dtype == torch.float16 and torch.equal(v, ref[k].half()) for k, v in saved.items())
     loaded = UNet2DConditionModel.from_pretrained(out, torch_dtype=torch.float16)
     assert loaded.dtype == torch.float16
+
+
+def test_an_export_has_the_modes_of_any_file_the_user_writes(tiny_path, tmp_path):
+    """Exports were 0700 folders of 0600 files (mkdtemp, safetensors): unreadable for a shared ComfyUI."""
+    old = os.umask(0o022)
+    try:
+        out = export_unet(_unet(tiny_path), tmp_path / "export", conditioning_timestep=399, num_steps=1)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
+    assert modes == {"export": 0o755, "config.json": 0o644, "diffusion_pytorch_model.safetensors": 0o644,
+                     "dmdr_export.json": 0o644}
 
 
 def test_lora_targets_exist_in_the_real_sdxl_unet():
