@@ -16,7 +16,7 @@ import torch
 
 from dmdr.errors import UserError
 from dmdr.exports import sgm_keys
-from dmdr.exports.diffusers_unet import merged_unet
+from dmdr.exports.diffusers_unet import merged_unet, shareable
 from dmdr.redact import redact
 
 HOW_TO_LOAD = (
@@ -103,6 +103,7 @@ def write(source, out: Path, dtype: str) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata(source, dtype))
+        shareable(Path(tmp))  # mkstemp makes it 0600: a shared ComfyUI/A1111 install could not read it
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -96,6 +97,10 @@ def test_single_file_loads_through_diffusers_and_samples_like_the_diffusers_expo
 
 def test_the_header_says_what_the_file_is_and_how_to_sample_it(source, tmp_path):
     path = single_file.write(source, tmp_path / "m.safetensors", "fp16")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes, not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert json.loads(meta["dmdr.timesteps"]) == TIMESTEPS and meta["dmdr.num_steps"] == "2"
