@@ -46,6 +46,8 @@ def _export(args: argparse.Namespace) -> int:
                          overrides=_overrides(args), s3=lambda uri: config_from_args(args, uri),
                          extract_lora=args.extract_lora)
     print(f"exported generator ({args.format}, {args.dtype}): {out}")
+    if hint := exports.load_hint(args.format):
+        print(hint)
     return 0
 
 
@@ -102,15 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_overrides(p)
     p.set_defaults(func=_sample)
 
-    p = sub.add_parser("export", help="the generator in a format people load (diffusers UNet folder, ...)")
+    p = sub.add_parser("export", help="the generator in a format people load (diffusers UNet folder, SDXL single file)")
     p.add_argument("--run", required=True, help="run directory (<output-dir>/<exp-name>), or an s3:// run "
                                                 "(s3://BUCKET/PREFIX/EXP: the checkpoint is pulled into --cache-dir)")
     p.add_argument("--step", default="latest", help="checkpoint step or 'latest'")
-    p.add_argument("--out", required=True, help="output folder, or an s3:// key to upload it to")
+    p.add_argument("--out", required=True, help="the output (a folder; single-file: a .safetensors file), "
+                                                "or an s3:// key to upload it to")
     p.add_argument("--format", default="diffusers", choices=exports.FORMATS,
                    help="diffusers: a UNet2DConditionModel folder (safetensors) plus dmdr_export.json; lora: the "
                         "generator LoRA for diffusers (pytorch_lora_weights.safetensors) and A1111/ComfyUI "
-                        "(<out>_kohya.safetensors) [default: diffusers]")
+                        "(<out>_kohya.safetensors); single-file: one SDXL .safetensors in the original key layout "
+                        "(ComfyUI, A1111, from_single_file), the generator with the base model's VAE and text "
+                        "encoders [default: diffusers]")
     p.add_argument("--extract-lora", type=int, default=None, metavar="RANK",
                    help="--format lora of a full fine-tune: a rank-RANK LoRA of its difference to the base "
                         "(truncated SVD; the error is printed and recorded in dmdr_export.json)")

@@ -3,10 +3,14 @@
 One module per format, each with a function ``write(source, out, dtype)`` given an `ExportSource`
 (the run's config, the loaded generator and its sampling timesteps), optionally ``LAST``, the file
 of a folder export that is uploaded last (its presence in the store means the folder is whole), and
-optionally ``check(cfg, **options)``, which refuses options the run cannot take before anything loads:
+optionally ``check(cfg, **options)``, which refuses options the run cannot take before anything loads,
+``check_out(out)``, its rule for ``--out`` (checked before anything is pulled or loaded), and ``HOW_TO_LOAD``,
+which the CLI prints after the export:
 
     diffusers_unet  a diffusers UNet2DConditionModel folder plus dmdr_export.json (`--format diffusers`)
     lora            the generator LoRA in the diffusers and kohya formats (`--format lora`)
+    single_file     one SDXL .safetensors in the original key layout with the base VAE and text encoders
+                    (`--format single-file`)
 
 `export()` loads the checkpoint once and hands it to the chosen format. The run can be an `s3://`
 run (one checkpoint is pulled into the cache, verified) and the output an `s3://` key (written
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
     from dmdr.storage.client import StorageConfig
 
 #: ``--format`` name -> the module (in this package) that writes it.
-_MODULES = {"diffusers": "diffusers_unet", "lora": "lora"}
+_MODULES = {"diffusers": "diffusers_unet", "lora": "lora", "single-file": "single_file"}
 FORMATS = tuple(_MODULES)
 DEFAULT_CACHE = "~/.cache/dmdr"
 DTYPES = ("fp32", "fp16", "bf16")
@@ -61,6 +65,11 @@ class ExportSource:
     def conditioning_timestep(self) -> int:
         """One step: the timestep the generator was trained at (a --generator-timesteps list's entry)."""
         return self.timesteps[0] if len(self.timesteps) == 1 else self.cfg.conditioning_timestep
+
+
+def load_hint(fmt: str) -> str | None:
+    """How to load an export of format `fmt`, where its module says (the CLI prints it)."""
+    return getattr(importlib.import_module(f"dmdr.exports.{_MODULES[fmt]}"), "HOW_TO_LOAD", None)
 
 
 def load_source(run_dir: Path, step: str, overrides: dict | None = None,
@@ -98,6 +107,8 @@ def export(run: str | Path, step: str, out: str | Path, *, fmt: str = "diffusers
     check = getattr(writer, "check", None)
     check = None if check is None else functools.partial(check, **options)
     run, out = str(run), str(out)
+    if hasattr(writer, "check_out"):  # before the (slow) pull and load
+        writer.check_out(Path(out))
     if is_s3_uri(run):
         from dmdr.storage import staging
 

@@ -121,3 +121,28 @@ def test_a_raw_unet_init_loads_for_four_steps(four_step_run, tmp_path):
                       generator_timesteps=DMD2_STEPS, xl_ode_pretrain_path=str(tmp_path / "dmd2_4step_unet.safetensors"))
     generator = components.build_models(cfg, torch.device("cpu")).generator
     assert all(torch.equal(v, init[k]) for k, v in generator.state_dict().items())
+
+
+def test_single_file_export_of_a_run_through_the_cli(four_step_run, dmdr, tmp_path, capsys):
+    """`--format single-file`: the run's generator with the base's VAE and text encoders in one file whose
+    header records the run's timesteps and name; the command says how to load it."""
+    from safetensors import safe_open
+
+    from dmdr.exports import sgm_keys
+
+    run, _ = four_step_run
+    capsys.readouterr()
+    dmdr("export", "--run", str(run), "--format", "single-file", "--out", str(tmp_path / "four.safetensors"))
+    printed = capsys.readouterr().out
+    assert "exported generator (single-file, fp16)" in printed and "models/checkpoints" in printed
+    assert "from_single_file" in printed
+    trained = load_file(str(run / "checkpoints" / "accelerator_1" / "step-1" / "model.safetensors"))
+    with safe_open(str(tmp_path / "four.safetensors"), "pt") as f:
+        meta = f.metadata()
+        conv_in = f.get_tensor(sgm_keys.UNET_PREFIX + "input_blocks.0.0.weight")
+    assert json.loads(meta["dmdr.timesteps"]) == DMD2_STEPS
+    assert (meta["dmdr.source_run"], meta["dmdr.source_step"]) == ("four", "1")
+    assert meta["dmdr.base_model"] == "builtin:tiny"
+    assert torch.equal(conv_in, trained["conv_in.weight"].to(torch.float16))
+    assert cli.main(["export", "--run", str(run), "--format", "single-file", "--out", str(tmp_path / "dir")]) == 2
+    assert "name it <something>.safetensors" in capsys.readouterr().err
