@@ -90,14 +90,20 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def open_run(args: argparse.Namespace):
+    """The run to evaluate; one that has not started (no args.json) is an error unless --watch waits for it."""
     from dmdr.evaluation.source import LocalRun, S3Run
     from dmdr.storage.uri import is_s3_uri
 
     if is_s3_uri(args.run):
         from dmdr.storage.cli import config_from_args
 
-        return S3Run(args.run, config_from_args(args, args.run), Path(args.local_cache))
-    return LocalRun(Path(args.run))
+        source = S3Run(args.run, config_from_args(args, args.run), Path(args.local_cache))
+    else:
+        source = LocalRun(Path(args.run))
+    if not source.refresh() and not args.watch:
+        raise UserError(f"{args.run} has no args.json: pass a run written by `dmdr train` (check an s3:// URI "
+                        "with `dmdr ls`), or add --watch to wait for a run that is starting")
+    return source
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,27 +123,28 @@ def run(args: argparse.Namespace) -> int:
     return watch(source, evaluator, overrides, args)
 
 
-def watch(source, evaluator, overrides: dict, args: argparse.Namespace, sleep=time.sleep) -> int:
+def watch(source, evaluator, overrides: dict, args: argparse.Namespace, sleep=time.sleep, clock=time.monotonic) -> int:
     """Poll the run (with backoff while nothing new comes) and evaluate each new complete
     checkpoint; stop once the run's last step (max_train_steps) is evaluated, or after
-    --watch-timeout seconds without a new checkpoint (a run that died or was stopped)."""
+    --watch-timeout seconds without a new checkpoint (a run that died or was stopped). The run
+    writes no other end marker: its last checkpoint, saved whenever training ends normally, is it."""
     from dmdr import inference
     from dmdr.evaluation import report
     from dmdr.evaluation.run import evaluate_run
 
-    delay, last_new = args.poll_interval, time.monotonic()
+    delay, last_new = args.poll_interval, clock()
     while True:
-        source.refresh()
-        final = inference.load_run_config(source.run_dir, overrides).max_train_steps
-        if evaluate_run(source, "all", evaluator, overrides, allow_none=True):
-            delay, last_new = args.poll_interval, time.monotonic()
-        rows = report.read_rows(source.run_dir / report.EVAL_DIR / report.METRICS_JSONL)
-        if any(r["step"] >= final and r.get("key") == evaluator.key for r in rows):
-            print(f"the run reached its last step ({final}) and it is evaluated: done", flush=True)
-            return 0
-        if time.monotonic() - last_new > args.watch_timeout:
-            print(f"no new checkpoint for {args.watch_timeout:.0f} s (--watch-timeout) before the run's last step "
-                  f"({final}): stopping; run again to continue", flush=True)
+        if source.refresh():
+            final = inference.load_run_config(source.run_dir, overrides).max_train_steps
+            if evaluate_run(source, "all", evaluator, overrides, allow_none=True):
+                delay, last_new = args.poll_interval, clock()
+            rows = report.read_rows(source.run_dir / report.EVAL_DIR / report.METRICS_JSONL)
+            if any(r["step"] >= final and r.get("key") == evaluator.key for r in rows):
+                print(f"the run reached its last step ({final}) and it is evaluated: done", flush=True)
+                return 0
+        if clock() - last_new > args.watch_timeout:
+            print(f"no new checkpoint for {args.watch_timeout:.0f} s (--watch-timeout) and the run's last step "
+                  "is not evaluated: stopping; run again to continue", flush=True)
             return 0
         print(f"waiting {delay:.0f} s for a new checkpoint of {source.where}", flush=True)
         sleep(delay)

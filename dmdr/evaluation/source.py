@@ -20,8 +20,9 @@ class LocalRun:
 
         return inference.available_steps(self.run_dir)
 
-    def refresh(self) -> None:
-        """Nothing to do: the trainer writes here."""
+    def refresh(self) -> bool:
+        """Whether the run has started (its args.json is there); the trainer writes here."""
+        return (self.run_dir / "args.json").is_file()
 
     def fetch(self, step: int) -> None:
         """The checkpoint is here already."""
@@ -44,18 +45,13 @@ class S3Run:
         self.exp, self.cfg = S3Uri.parse(uri), cfg
         self.where, self.name = str(self.exp), self.exp.name
         self.run_dir = Path(cache).expanduser() / self.exp.bucket / self.exp.key
-        self.refresh()
 
-    def refresh(self) -> None:
-        """args.json (a resumed run may raise its max_train_steps) and the store's metrics.jsonl
-        (what another eval already wrote there)."""
-        from dmdr.errors import UserError
+    def refresh(self) -> bool:
+        """Fetch args.json (a resumed run may raise its max_train_steps) and the store's
+        metrics.jsonl (what an earlier eval wrote there); whether the run has started (args.json)."""
         from dmdr.storage.remote import download_run_files
 
-        got = download_run_files(self.where, self.run_dir, self.RUN_FILES, self.cfg)
-        if "args.json" not in got:
-            raise UserError(f"{self.where} has no args.json: check the URI with `dmdr ls` (a run that has not "
-                            "started yet has none)")
+        return "args.json" in download_run_files(self.where, self.run_dir, self.RUN_FILES, self.cfg)
 
     def steps(self) -> list[int]:
         from dmdr.storage.remote import list_checkpoints

@@ -75,7 +75,7 @@ def test_eval_all_steps_then_a_killed_eval_continues(tiny_run, tmp_path, monkeyp
     capsys.readouterr()
     assert cli.main(_args(base, tiny, run)) == 0
     out = capsys.readouterr().out
-    assert "step 1: 1/5" not in out and "step 2: 5/5 images sampled and scored" in out
+    assert "step 1:" not in out and "step 2: 5/5 images sampled and scored" in out
     assert "already in" in out and "steps [1]" in out
     rows = [json.loads(line) for line in (run / "eval" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[0] == first[0]
