@@ -11,8 +11,10 @@ from dmdr import cli
 from dmdr.evaluation import cli as eval_cli
 from dmdr.evaluation.run import Evaluator
 from dmdr.models.tiny_clip import write_tiny_reward_checkpoints
+from helpers_eval import write_tiny_extractor
+from helpers_rewards import colour_images, write_pngs
 from helpers_s3 import aws_env, shared_moto
-from helpers_train import env, run_dmdr, tiny_args
+from helpers_train import env, readme_commands, run_dmdr, tiny_args
 
 pytestmark = pytest.mark.slow
 
@@ -134,3 +136,32 @@ def test_watch_waits_for_a_run_that_has_not_started(trained, dmdr_env, tmp_path,
     clock = Clock(on_sleep=start)
     assert _watch(trained, run, clock) == 0
     assert clock.slept == [0.5] and "reached its last step (2)" in capsys.readouterr().out
+
+
+def test_readme_eval_commands(trained, dmdr_env, tmp_path, monkeypatch, capsys):
+    """The README's "Evaluating" lines as written, in an empty folder, the store's bucket for
+    s3://bucket, tiny models under the file names the README relies on, 3 images per step."""
+    moto, bucket, _, _, tiny = trained
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))  # the default --local-cache
+    for name, target in (("Apple_CLIP-H-14-224.bin", tiny["clip"]), ("HPS_v2.1_compressed.pt", tiny["hps"]),
+                         ("inception-2015-12-05.pt", write_tiny_extractor(tmp_path / "m" / "tiny.pt"))):
+        (tmp_path / name).symlink_to(target)
+    (tmp_path / "prompts.txt").write_text("a red fox\na blue boat\n", encoding="utf-8")
+    write_pngs(tmp_path / "ref", colour_images(size=64)[0], [f"{i}.png" for i in range(4)])
+    commands = readme_commands("### Evaluating")
+    assert [c[1] for c in commands] == ["pull", "eval", "eval", "eval"]
+    for argv in commands:
+        argv = [a.replace("s3://bucket/", f"s3://{bucket}/") for a in argv]
+        if argv[1] == "eval":
+            argv[argv.index("--num-images") + 1] = "3"
+            argv += ["--clip-reward-arch", str(tiny["config"]), "--hps-reward-arch", str(tiny["config"])]
+        assert cli.main(argv[1:]) == 0, argv
+    out = capsys.readouterr().out
+    assert "reached its last step (2)" in out
+    local = _rows((tmp_path / "runs" / "exp" / "eval" / "metrics.jsonl").read_text())
+    assert [r["step"] for r in local] == [2]  # the pull brought the latest step only
+    body = moto.client().get_object(Bucket=bucket, Key="prefix/exp/eval/metrics.jsonl")["Body"].read().decode()
+    remote = _rows(body)
+    assert [r["step"] for r in remote] == [1, 2] and all({"clip", "hps", "fid"} <= set(r) for r in remote)
+    assert remote[1]["fid"] == pytest.approx(local[0]["fid"], rel=1e-5)  # same images, same reference
