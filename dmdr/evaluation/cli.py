@@ -31,8 +31,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "there with the same settings are skipped, so a killed eval continues where it stopped.")
     p.add_argument("--run", required=True, help="run directory, or s3://bucket/prefix/exp (checkpoints pulled "
                                                 "one at a time, generator only; eval/ written back to the store)")
-    p.add_argument("--steps", default="latest", help="latest (default), all, or steps separated by commas (500,1000)")
-    p.add_argument("--prompts", required=True, help="file with one prompt per line (the evaluation prompts)")
+    p.add_argument("--steps", default="latest", help="latest (default), all, or steps separated by commas (500,1000); "
+                                                     "--watch takes every step")
+    p.add_argument("--prompts", required=True, help="file with one prompt per line (the evaluation prompts), or "
+                                                   "builtin:prompts (64 shipped with dmdr)")
     p.add_argument("--metrics", default="clip,hps", help="comma-separated: clip, hps, fid (default: %(default)s)")
     p.add_argument("--num-images", type=int, default=None,
                    help="images per step (default: one per prompt; more cycle the prompts with new seeds)")
@@ -75,6 +77,10 @@ def settings_from_args(args: argparse.Namespace):
     from dmdr.evaluation.run import Settings, parse_metrics
 
     metrics = parse_metrics(args.metrics)
+    if args.prompts == "builtin:prompts":  # the small prompt file shipped with dmdr (the chart's default)
+        from dmdr.train import data_path
+
+        args.prompts = data_path(args.prompts)
     prompts = data.load_prompt_list(args.prompts)
     device = args.device
     if device is None:
