@@ -22,6 +22,8 @@ from dmdr.evaluation import report
 
 METRICS = ("clip", "hps", "fid")
 REF_STATS_NAME = "fid-ref-stats.npz"
+# the run's own reward files and architectures (args.json fields), the defaults of the flags
+_RUN_FIELDS = {"clip": ("clip_reward_model", "clip_reward_arch"), "hps": ("hpsv2_reward_model", "hps_reward_arch")}
 
 
 def parse_metrics(text: str) -> tuple[str, ...]:
@@ -125,10 +127,9 @@ class Evaluator:
 
         specs = []
         for name in (m for m in self.s.metrics if m in KINDS):
-            kind = KINDS[name]
-            run_path = getattr(cfg, "clip_reward_model" if name == "clip" else "hpsv2_reward_model", None)
-            path = self.s.reward_models.get(name) or run_path or kind.file_name
-            arch = self.s.reward_archs.get(name) or getattr(cfg, "clip_reward_arch" if name == "clip" else "hps_reward_arch")
+            kind, (path_field, arch_field) = KINDS[name], _RUN_FIELDS[name]
+            path = self.s.reward_models.get(name) or getattr(cfg, path_field, None) or kind.file_name
+            arch = self.s.reward_archs.get(name) or getattr(cfg, arch_field, None)
             specs.append(RewardSpec(name, resolve_input_file(path, kind.flag), arch=arch,
                                     prefix=self.s.magic_prompt if name == "hps" else None))
         if specs:

@@ -123,17 +123,21 @@ def test_eval_all_steps_then_a_killed_eval_continues(tiny_run, tmp_path, monkeyp
     (("--clip-reward-model", "nope.bin"), "nope.bin not found"),
     (("--ref-images", None), "--metrics fid needs a reference"),
     (("--steps", "1,7"), "no complete checkpoint for step(s) [7]"),
+    (("--ref-stats", "ref.npz"), "one FID reference"),
+    (("--num-images", "1"), "--num-images 2 or more"),
+    (("--run", "nowhere"), "nowhere has no args.json"),
 ])
 def test_eval_user_errors_are_one_line_exit_2(tiny_run, tmp_path, monkeypatch, capsys, change, needle):
     base, cache, tiny = tiny_run
     monkeypatch.chdir(tmp_path)
     args = _args(base, tiny, base / "exp")
     flag, value = change
-    i = args.index(flag)
-    if value is None:
-        del args[i:i + 2]
+    if flag not in args:
+        args += [flag, value]
+    elif value is None:
+        del args[args.index(flag):args.index(flag) + 2]
     else:
-        args[i + 1] = value
+        args[args.index(flag) + 1] = value
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
