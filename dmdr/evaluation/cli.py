@@ -51,6 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         p.add_argument(KINDS[name].arch_flag, default=None, help="architecture (default: the run's)")
     p.add_argument("--magic-prompt", default=None, help="text before each prompt for HPS (default: none, as "
                                                         "the HPSv2 benchmark)")
+    p.add_argument("--vae", choices=("tiny", "full"), default=None,
+                   help="decoder of the images (default: the run's --vae; full: SDXL's own VAE, for numbers to report)")
     p.add_argument("--seed", type=int, default=2026, help="base noise seed (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="images sampled and scored at a time (default: %(default)s)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -91,7 +93,7 @@ def settings_from_args(args: argparse.Namespace):
                     batch_size=args.batch_size, device=device,
                     reward_models={"clip": args.clip_reward_model, "hps": args.hpsv2_reward_model},
                     reward_archs={"clip": args.clip_reward_arch, "hps": args.hps_reward_arch},
-                    magic_prompt=args.magic_prompt, inception=args.inception,
+                    magic_prompt=args.magic_prompt, inception=args.inception, vae=args.vae,
                     ref_stats=args.ref_stats, ref_images=args.ref_images)
 
 
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     evaluator = Evaluator(settings, log=lambda line: print(line, flush=True))
     source = open_run(args)
-    overrides = {"pretrained_model": args.pretrained_model, "cache_dir": args.cache_dir}
+    overrides = {"pretrained_model": args.pretrained_model, "cache_dir": args.cache_dir, "vae": args.vae}
     if not args.watch:
         done = evaluate_run(source, args.steps, evaluator, overrides)
         print(f"evaluated {len(done)} step(s); metrics in {source.where}/eval/metrics.jsonl", flush=True)

@@ -5,7 +5,7 @@ reference (FID); one row per step in ``<run>/eval/metrics.jsonl`` (see `report`)
 Image ``i`` of ``--num-images K`` is prompt ``i mod P`` of the P prompts, sampled with the base
 seed ``--seed + i // P`` (the same per-prompt noise as `dmdr sample`, a new one each pass over
 the prompts), so every step sees the same noise and the numbers compare across steps. A step is
-skipped when metrics.jsonl already has its row for the same settings (the ``key``: metrics,
+skipped when metrics.jsonl already has its row for the same settings (the ``key``: metrics, VAE,
 prompts, K, seed, reference), which makes a killed eval continue where it stopped.
 """
 from __future__ import annotations
@@ -67,6 +67,7 @@ class Settings:
     reward_archs: dict = field(default_factory=dict)  # name -> arch given on the command line (or None)
     magic_prompt: str | None = None
     inception: str = "inception-2015-12-05.pt"
+    vae: str | None = None  # None: the run's
     ref_stats: str | None = None
     ref_images: str | None = None
 
@@ -89,7 +90,7 @@ class Settings:
         ref = None
         if "fid" in self.metrics:
             ref = _file_id(Path(self.ref_stats)) if self.ref_stats else _folder_id(Path(self.ref_images))
-        parts = {"metrics": sorted(self.metrics), "images": self.images(), "ref": ref,
+        parts = {"metrics": sorted(self.metrics), "images": self.images(), "ref": ref, "vae": self.vae,
                  "magic_prompt": self.magic_prompt if "hps" in self.metrics else None}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

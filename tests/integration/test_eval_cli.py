@@ -114,6 +114,11 @@ def test_eval_all_steps_then_a_killed_eval_continues(tiny_run, tmp_path, monkeyp
     assert cli.main(args) == 0
     again = [json.loads(line) for line in (run / "eval" / "metrics.jsonl").read_text().splitlines()]
     assert again[1]["fid"] == pytest.approx(rows[1]["fid"], rel=1e-6) and np.isfinite(again[1]["fid"])
+    # the full SDXL VAE instead of the run's tiny one: other images, so another row for the step
+    assert cli.main(args + ["--vae", "full"]) == 0
+    full = [json.loads(line) for line in (run / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in full] == [1, 2] and full[1]["key"] != again[1]["key"]
+    assert full[1]["clip"] != pytest.approx(again[1]["clip"], abs=1e-7)
 
 
 @pytest.mark.parametrize("change, needle", [
