@@ -58,6 +58,8 @@ def test_eval_job_renders_valid_with_the_training_pods_identity(values):
     settings = eval_cli.settings_from_args(args)  # builtin:prompts resolves inside the package
     assert settings.num_images == 64 and len(settings.prompts) == 64
 
+    notes = h.render(_with_eval(values), namespace="team")[h.render_chart.NOTES]
+    assert f"kubectl logs -n team -f job/{job['metadata']['name']}" in notes
     assert not [o for o in h.render_objects(values) if o["kind"] == "Job"]  # off by default
 
 
@@ -65,14 +67,15 @@ def test_eval_job_knobs(values):
     job = _eval_job(h.render_objects(_with_eval(values, watch=False, steps="500,1000", metrics="clip,fid",
                                                 refStats="/data/coco.npz", numImages=500, gpus=0,
                                                 extraArgs=["--magic-prompt", "Realistic photo"],
-                                                nodeSelector={"pool": "eval"}), release="r2"))
+                                                nodeSelector={"pool": "eval"}) | {"storage": {"s3": {
+                                                    **values["storage"]["s3"], "uri": "s3://bkt/p/"}}}, release="r2"))
     h.validate_k8s(job)
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     args = _parsed(container)
     assert (args.watch, args.steps, args.metrics, args.ref_stats, args.num_images, args.magic_prompt) == (
         False, "500,1000", "clip,fid", "/data/coco.npz", 500, "Realistic photo")
-    assert args.run.endswith("/r2") and "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert args.run == "s3://bkt/p/r2" and "nvidia.com/gpu" not in container["resources"]["limits"]
     assert pod["nodeSelector"] == {"pool": "eval"}
 
 
