@@ -84,11 +84,11 @@ def settings_from_args(args: argparse.Namespace):
 
         args.prompts = data_path(args.prompts)
     prompts = data.load_prompt_list(args.prompts)
-    device = args.device
-    if device is None:
-        import torch
+    import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu")
     return Settings(prompts=prompts, num_images=args.num_images or len(prompts), metrics=metrics, seed=args.seed,
                     batch_size=args.batch_size, device=device,
                     reward_models={"clip": args.clip_reward_model, "hps": args.hpsv2_reward_model},
