@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command line. It imports only light modules (no torch, numpy or boto3): each
     command imports what it needs when it runs, so `dmdr --help` answers at once."""
     from dmdr import config, demo, exports, plot, score, weights_cli
+    from dmdr.evaluation import cli as eval_cli
     from dmdr.storage import cli as storage_cli
 
     parser = argparse.ArgumentParser(prog="dmdr", description="DMDR: one-step SDXL distillation with rewards.")
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     score.add_parser(sub)
+    eval_cli.add_parser(sub)
     plot.add_parser(sub)
     demo.add_parser(sub)
     storage_cli.add_parsers(sub)

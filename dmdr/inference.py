@@ -32,11 +32,17 @@ def load_run_config(run_dir: Path, overrides: dict | None = None) -> TrainConfig
     return TrainConfig(**{k: v for k, v in values.items() if k in known})
 
 
+def available_steps(run_dir: Path) -> list[int]:
+    """Steps a generator can be loaded from: complete checkpoints, and those `dmdr pull --only
+    generator|lora` brought (ascending)."""
+    ckpt = run_dir / "checkpoints"
+    return sorted({*checkpoint.complete_steps(ckpt), *pulled_subset_steps(ckpt, "generator"),
+                   *pulled_subset_steps(ckpt, "lora")})
+
+
 def find_checkpoint(run_dir: Path, step: str) -> int:
     """The step to load: complete checkpoints, and those `dmdr pull --only generator|lora` brought."""
-    ckpt = run_dir / "checkpoints"
-    steps = sorted({*checkpoint.complete_steps(ckpt), *pulled_subset_steps(ckpt, "generator"),
-                    *pulled_subset_steps(ckpt, "lora")})
+    steps = available_steps(run_dir)
     if not steps:
         raise UserError(f"{run_dir} has no complete checkpoint (checkpoints/step-N.complete.json)")
     if step == "latest":

@@ -1,6 +1,7 @@
 """Run the real `dmdr` command for the trainer's integration tests."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,10 @@ def run_dmdr(args: list[str], cache: Path, timeout: int = 600, check: bool = Tru
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def readme_commands(heading: str) -> list[list[str]]:
+    """The `dmdr ...` lines of the first bash block after `heading` in README.md, split as a shell would."""
+    section = (REPO / "README.md").read_text(encoding="utf-8").split(heading, 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.startswith("dmdr ")]

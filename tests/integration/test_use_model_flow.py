@@ -11,17 +11,10 @@ from PIL import Image
 from dmdr import cli
 from dmdr.models.tiny_clip import write_tiny_reward_checkpoints
 from helpers_s3 import aws_env, shared_moto
-from helpers_train import REPO, env, run_dmdr, tiny_args
+from helpers_train import env, readme_commands, run_dmdr, tiny_args
 
 pytestmark = pytest.mark.slow
 EXP = "s3://bucket/prefix/exp"  # what the README writes; the tests' bucket replaces it
-
-
-def readme_commands(heading: str) -> list[list[str]]:
-    """The `dmdr ...` lines of the first bash block after `heading` in README.md, split as a shell would."""
-    section = (REPO / "README.md").read_text(encoding="utf-8").split(heading, 1)[1]
-    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
-    return [shlex.split(line, comments=True) for line in block.splitlines() if line.startswith("dmdr ")]
 
 
 @pytest.fixture(scope="module")

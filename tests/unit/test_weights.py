@@ -92,7 +92,7 @@ def write_manifest(path: Path, entries: list[dict], default_groups=("rewards",))
 def test_default_manifest_names_the_reference_weights():
     m = weights.load_manifest(REPO / "dmdr/assets/weights.yaml")
     assert m.default_groups == ("rewards",)
-    assert set(m.groups) == {"rewards", "taesdxl", "sdxl-base", "dmd2-ode-init", "prompts"}
+    assert set(m.groups) == {"rewards", "taesdxl", "sdxl-base", "dmd2-ode-init", "prompts", "fid"}
     by_name = {e.name: e for e in m.entries}
     assert by_name["Apple_CLIP-H-14-224.bin"].sources[0] == \
         "hf://apple/DFN5B-CLIP-ViT-H-14/open_clip_pytorch_model.bin"

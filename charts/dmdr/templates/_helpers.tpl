@@ -217,3 +217,8 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/* The optional eval Job (eval.enabled). */}}
+{{- define "dmdr.evalJobName" -}}
+{{- printf "%s-eval" (include "dmdr.fullname" . | trunc 58 | trimSuffix "-") }}
+{{- end }}

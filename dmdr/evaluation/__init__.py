@@ -1,0 +1,1 @@
+"""`dmdr eval`: score the checkpoints of a run (CLIP, HPSv2.1, FID) against their step."""
