@@ -51,7 +51,7 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_run_overrides(p: argparse.ArgumentParser) -> None:
+def add_run_overrides(p: argparse.ArgumentParser) -> None:
     """Paths in a run's args.json that name the training machine, replaceable on this one."""
     p.add_argument("--pretrained-model", default=None,
                    help="base SDXL model (default: the run's, from args.json): a local diffusers folder, "
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for PNGs")
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--device", default="cpu")
-    _add_run_overrides(p)
+    add_run_overrides(p)
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("export", help="the generator in a format people load (diffusers UNet folder, SDXL single file)")
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(truncated SVD; the error is printed and recorded in dmdr_export.json)")
     p.add_argument("--dtype", default="fp16", choices=exports.DTYPES,
                    help="precision of the saved weights [default: fp16, the size people download]")
-    _add_run_overrides(p)
+    add_run_overrides(p)
     storage_cli.add_s3_options(p)
     p.set_defaults(func=_export)
 

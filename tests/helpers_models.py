@@ -44,3 +44,19 @@ def randomize_lora_b(unet: torch.nn.Module, seed: int = 1) -> None:
         for name, param in unet.named_parameters():
             if ".lora_B." in name:
                 param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+
+
+def tiny_unet(tiny_path: Path) -> torch.nn.Module:
+    """The tiny pipeline's UNet, in eval mode."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet").eval()
+
+
+def eps_of(unet: torch.nn.Module) -> torch.Tensor:
+    """The UNet's noise prediction on the fixed `unet_inputs()` (no grad)."""
+    from dmdr.models import predict_eps
+
+    x, t, embeds, pooled = unet_inputs()
+    with torch.no_grad():
+        return predict_eps(unet, x, t, embeds, pooled, RES)

@@ -40,3 +40,14 @@ def readme_commands(heading: str) -> list[list[str]]:
     section = (REPO / "README.md").read_text(encoding="utf-8").split(heading, 1)[1]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     return [shlex.split(line, comments=True) for line in block.splitlines() if line.startswith("dmdr ")]
+
+
+def train_tiny_into_store(moto, base: Path, *flags: str) -> tuple[str, Path]:
+    """A tiny run `exp` of 2 steps trained in `base/pod` with --s3-uri s3://<a new bucket>/prefix on
+    `moto`, with `flags` (checkpoint/sample steps); returns (the bucket, the cache folder)."""
+    from helpers_s3 import aws_env
+
+    bucket, cache = moto.make_bucket(), base / "cache"
+    run_dmdr(tiny_args(base / "pod", "exp", cache, "--max-train-steps", "2", *flags,
+                       "--s3-uri", f"s3://{bucket}/prefix", "--s3-endpoint-url", moto.endpoint), cache, **aws_env())
+    return bucket, cache

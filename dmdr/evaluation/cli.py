@@ -20,7 +20,7 @@ DEFAULT_CACHE = "~/.cache/dmdr/eval"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``eval`` subcommand; sets ``func=run``."""
-    from dmdr.cli import _add_run_overrides
+    from dmdr.cli import add_run_overrides
     from dmdr.reward_kinds import KINDS
     from dmdr.storage.cli import add_s3_options
 
@@ -67,7 +67,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="--watch: give up after this many seconds without a new checkpoint (default: 6 h)")
     p.add_argument("--local-cache", default=DEFAULT_CACHE, help="where an s3:// run's files are pulled "
                                                                  "(default: %(default)s)")
-    _add_run_overrides(p)
+    add_run_overrides(p)
     add_s3_options(p)
     p.set_defaults(func=run)
     return p

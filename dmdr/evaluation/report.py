@@ -21,17 +21,9 @@ CSV_COLUMNS = ("step", "clip", "hps", "hps_x100", "fid", "num_images", "seconds"
 
 def read_rows(path: Path) -> list[dict]:
     """The rows of metrics.jsonl (none when it is missing); lines that do not parse are skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
+    from dmdr.plot import read_rows as read_jsonl
+
+    return [r for r in read_jsonl(path) if isinstance(r["step"], int)] if path.is_file() else []
 
 
 def merge(rows: list[dict], row: dict) -> list[dict]:

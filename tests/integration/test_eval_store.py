@@ -14,7 +14,7 @@ from dmdr.models.tiny_clip import write_tiny_reward_checkpoints
 from helpers_eval import write_tiny_extractor
 from helpers_rewards import colour_images, write_pngs
 from helpers_s3 import aws_env, shared_moto
-from helpers_train import env, readme_commands, run_dmdr, tiny_args
+from helpers_train import env, readme_commands, train_tiny_into_store
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +23,8 @@ pytestmark = pytest.mark.slow
 def trained(tmp_path_factory):
     """A tiny run with checkpoints at 1 and 2, trained with --s3-uri s3://<bucket>/prefix."""
     moto = shared_moto()
-    bucket = moto.make_bucket()
     base = tmp_path_factory.mktemp("evals3")
-    cache = base / "cache"
-    run_dmdr(tiny_args(base / "pod", "exp", cache, "--max-train-steps", "2", "--checkpoint-steps", "1",
-                       "--sample-steps", "100", "--s3-uri", f"s3://{bucket}/prefix", "--s3-endpoint-url", moto.endpoint),
-             cache, **aws_env())
+    bucket, cache = train_tiny_into_store(moto, base, "--checkpoint-steps", "1", "--sample-steps", "100")
     tiny = write_tiny_reward_checkpoints(base / "models", seed=3)
     (base / "prompts.txt").write_text("a red fox\na blue boat\n", encoding="utf-8")
     return moto, bucket, base, cache, tiny

@@ -11,7 +11,7 @@ from PIL import Image
 from dmdr import cli
 from dmdr.models.tiny_clip import write_tiny_reward_checkpoints
 from helpers_s3 import aws_env, shared_moto
-from helpers_train import env, readme_commands, run_dmdr, tiny_args
+from helpers_train import env, readme_commands, train_tiny_into_store
 
 pytestmark = pytest.mark.slow
 EXP = "s3://bucket/prefix/exp"  # what the README writes; the tests' bucket replaces it
@@ -21,12 +21,8 @@ EXP = "s3://bucket/prefix/exp"  # what the README writes; the tests' bucket repl
 def trained(tmp_path_factory):
     """A tiny run of 2 steps (checkpoint and samples at 2) uploaded to s3://<bucket>/prefix/exp."""
     moto = shared_moto()
-    bucket = moto.make_bucket()
-    base = tmp_path_factory.mktemp("flow")
-    cache = base / "cache"
-    run_dmdr(tiny_args(base / "pod", "exp", cache, "--max-train-steps", "2", "--checkpoint-steps", "2",
-                       "--sample-steps", "2", "--s3-uri", f"s3://{bucket}/prefix", "--s3-endpoint-url", moto.endpoint),
-             cache, **aws_env())
+    bucket, cache = train_tiny_into_store(moto, tmp_path_factory.mktemp("flow"), "--checkpoint-steps", "2",
+                                          "--sample-steps", "2")
     return moto, f"s3://{bucket}/prefix/exp", cache
 
 

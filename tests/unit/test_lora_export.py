@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-from helpers_models import RES, randomize_lora_b, single_thread, tiny_path, unet_inputs  # noqa: F401  (fixtures)
+from diffusers import StableDiffusionXLPipeline
+from helpers_models import eps_of, randomize_lora_b, single_thread, tiny_path, tiny_unet  # noqa: F401  (fixtures)
 from peft import get_peft_model_state_dict
 
 from dmdr.config import TrainConfig
@@ -18,17 +18,7 @@ from dmdr.errors import UserError
 from dmdr.exports import ExportSource
 from dmdr.exports import lora as lora_export
 from dmdr.exports.diffusers_unet import merged_unet
-from dmdr.models import add_generator_lora, predict_eps
-
-
-def _unet(tiny_path):
-    return UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet").eval()
-
-
-def _eps(unet):
-    x, t, embeds, pooled = unet_inputs()
-    with torch.no_grad():
-        return predict_eps(unet, x, t, embeds, pooled, RES)
+from dmdr.models import add_generator_lora
 
 
 def _source(tiny_path, unet, teacher=None, **cfg):
@@ -45,11 +35,11 @@ def _loaded(tiny_path, folder, weight_name=None):
 
 
 def test_lora_run_exports_what_diffusers_loads_as_the_merged_model(tiny_path, tmp_path):
-    generator = _unet(tiny_path)
+    generator = tiny_unet(tiny_path)
     add_generator_lora(generator, rank=4, alpha=8)  # dmdr's generator LoRA: alpha = 2 r, scale 2
     randomize_lora_b(generator)
-    merged = _eps(merged_unet(generator, torch.float32))
-    assert not torch.allclose(merged, _eps(_unet(tiny_path)), atol=1e-3)  # the LoRA changes the output
+    merged = eps_of(merged_unet(generator, torch.float32))
+    assert not torch.allclose(merged, eps_of(tiny_unet(tiny_path)), atol=1e-3)  # the LoRA changes the output
 
     out = lora_export.write(_source(tiny_path, generator, use_lora_gen=True), tmp_path / "dmdr-lora", "fp32")
     info = json.loads((out / "dmdr_export.json").read_text())
@@ -59,7 +49,7 @@ def test_lora_run_exports_what_diffusers_loads_as_the_merged_model(tiny_path, tm
         unet = _loaded(tiny_path, out, name)
         theirs = get_peft_model_state_dict(unet, adapter_name=next(iter(unet.peft_config)))
         assert theirs.keys() == ours.keys(), name  # every module loaded, none left out or unexpected
-        assert torch.allclose(_eps(unet), merged, rtol=1e-5, atol=1e-5), name
+        assert torch.allclose(eps_of(unet), merged, rtol=1e-5, atol=1e-5), name
 
 
 def _fine_tune(teacher: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
@@ -75,7 +65,7 @@ def _fine_tune(teacher: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
 
 @pytest.mark.parametrize("ode_lora", [False, True], ids=["full-fine-tune", "lora-on-ode-init"])
 def test_extracted_lora_at_full_rank_reproduces_the_fine_tune(tiny_path, tmp_path, ode_lora):
-    teacher = _unet(tiny_path)
+    teacher = tiny_unet(tiny_path)
     gen = _fine_tune(teacher)
     gen.conv_in.bias.data.copy_(teacher.conv_in.bias)  # only the targets differ: the LoRA must be exact
     cfg = {}
@@ -87,14 +77,14 @@ def test_extracted_lora_at_full_rank_reproduces_the_fine_tune(tiny_path, tmp_pat
     out = lora_export.write(source, tmp_path / "full", "fp32", extract_lora=10_000)
     info = json.loads((out / "dmdr_export.json").read_text())
     assert info["source"] == "extracted" and info["extraction"]["relative_error"] < 1e-5
-    expected = _eps(merged_unet(gen, torch.float32))
-    assert not torch.allclose(expected, _eps(teacher), atol=1e-3)
+    expected = eps_of(merged_unet(gen, torch.float32))
+    assert not torch.allclose(expected, eps_of(teacher), atol=1e-3)
     for name in (lora_export.DIFFUSERS_FILE, "full_kohya.safetensors"):
-        assert torch.allclose(_eps(_loaded(tiny_path, out, name)), expected, rtol=1e-4, atol=1e-4), name
+        assert torch.allclose(eps_of(_loaded(tiny_path, out, name)), expected, rtol=1e-4, atol=1e-4), name
 
 
 def test_extracted_lora_error_is_the_dropped_singular_values(tiny_path, tmp_path):
-    teacher = _unet(tiny_path)
+    teacher = tiny_unet(tiny_path)
     gen = _fine_tune(teacher)
     rank = 2
     out = lora_export.write(_source(tiny_path, gen, teacher), tmp_path / "low", "fp32", extract_lora=rank)

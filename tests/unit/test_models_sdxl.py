@@ -10,7 +10,7 @@ import stat
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-from helpers_models import RES, randomize_lora_b, single_thread, tiny_path, unet_inputs  # noqa: F401  (fixtures)
+from helpers_models import RES, eps_of, randomize_lora_b, single_thread, tiny_path, tiny_unet, unet_inputs  # noqa: F401  (fixtures)
 from safetensors.torch import load_file, save_file
 
 from dmdr.errors import UserError
@@ -28,34 +28,24 @@ from dmdr.models import (
 )
 
 
-def _unet(tiny_path):
-    return UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet").eval()
-
-
-def _eps(unet):
-    x, t, embeds, pooled = unet_inputs()
-    with torch.no_grad():
-        return predict_eps(unet, x, t, embeds, pooled, RES)
-
-
 # ----------------------------------------------------------------------------- ODE init
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
 def test_ode_init_loads_a_raw_state_dict(tiny_path, tmp_path, suffix):
-    donor = _unet(tiny_path)
+    donor = tiny_unet(tiny_path)
     with torch.no_grad():
         for p in donor.parameters():
             p.add_(0.01)
     state = {k: v.contiguous() for k, v in donor.state_dict().items()}
     file = tmp_path / f"ode{suffix}"
     torch.save(state, file) if suffix == ".bin" else save_file(state, str(file))
-    target = _unet(tiny_path)
+    target = tiny_unet(tiny_path)
     load_ode_init(target, str(file))
     assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), state.values()))
-    assert torch.equal(_eps(target), _eps(donor))
+    assert torch.equal(eps_of(target), eps_of(donor))
 
 
 def test_ode_init_errors_name_the_file(tiny_path, tmp_path):
-    unet = _unet(tiny_path)
+    unet = tiny_unet(tiny_path)
     cases = {}
     cases["missing"] = tmp_path / "nope.bin"
     cases["garbage"] = tmp_path / "garbage.bin"
@@ -74,28 +64,28 @@ def test_ode_init_errors_name_the_file(tiny_path, tmp_path):
         with pytest.raises(UserError, match="raw diffusers UNet state_dict") as err:
             load_ode_init(unet, str(file))
         assert str(file) in str(err.value), name
-    assert torch.equal(_eps(unet), _eps(_unet(tiny_path)))  # failed loads left the model untouched
+    assert torch.equal(eps_of(unet), eps_of(tiny_unet(tiny_path)))  # failed loads left the model untouched
 
 
 # ----------------------------------------------------------------------------- LoRA files
 def test_save_load_lora_round_trip(tiny_path, tmp_path):
-    source = _unet(tiny_path)
+    source = tiny_unet(tiny_path)
     add_guidance_lora(source, rank=4)
     randomize_lora_b(source)
     save_lora(source, tmp_path / "lora_gui" / "step-5")
     assert (tmp_path / "lora_gui" / "step-5" / "adapter_model.safetensors").is_file()
 
-    fresh = _unet(tiny_path)
+    fresh = tiny_unet(tiny_path)
     add_guidance_lora(fresh, rank=4)
     load_lora(fresh, tmp_path / "lora_gui" / "step-5")
     saved = lora_state_dict(source)
     assert saved.keys() == lora_state_dict(fresh).keys()
     assert all(torch.equal(saved[k], v) for k, v in lora_state_dict(fresh).items())
-    assert torch.equal(_eps(fresh), _eps(source))
+    assert torch.equal(eps_of(fresh), eps_of(source))
 
-    bare = _unet(tiny_path)  # no adapter yet: load_lora adds the saved one
+    bare = tiny_unet(tiny_path)  # no adapter yet: load_lora adds the saved one
     load_lora(bare, tmp_path / "lora_gui" / "step-5")
-    assert has_lora(bare) and torch.equal(_eps(bare), _eps(source))
+    assert has_lora(bare) and torch.equal(eps_of(bare), eps_of(source))
 
 
 def test_lora_checkpoint_is_peft_own_serialisation(tiny_path, tmp_path):
@@ -103,24 +93,24 @@ def test_lora_checkpoint_is_peft_own_serialisation(tiny_path, tmp_path):
     set_peft_model_state_dict reads it: the format needs no change, and checkpoints of every dmdr so far load."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    source = _unet(tiny_path)
+    source = tiny_unet(tiny_path)
     add_generator_lora(source, rank=4, alpha=8)
     randomize_lora_b(source)
     folder = save_lora(source, tmp_path / "lora_gen" / "step-3")
     saved = load_file(str(folder / "adapter_model.safetensors"))
     peft_own = get_peft_model_state_dict(source)
     assert saved.keys() == peft_own.keys() and all(torch.equal(saved[k], v) for k, v in peft_own.items())
-    fresh = _unet(tiny_path)
+    fresh = tiny_unet(tiny_path)
     add_generator_lora(fresh, rank=4, alpha=8)
     result = set_peft_model_state_dict(fresh, saved)
-    assert not result.unexpected_keys and torch.equal(_eps(fresh), _eps(source))
+    assert not result.unexpected_keys and torch.equal(eps_of(fresh), eps_of(source))
 
 
 def test_load_lora_mismatch_is_a_user_error(tiny_path, tmp_path):
-    source = _unet(tiny_path)
+    source = tiny_unet(tiny_path)
     add_guidance_lora(source, rank=4)
     folder = save_lora(source, tmp_path / "lora")
-    other = _unet(tiny_path)
+    other = tiny_unet(tiny_path)
     add_guidance_lora(other, rank=8)
     with pytest.raises(UserError, match=str(folder)):
         load_lora(other, folder)
@@ -131,28 +121,28 @@ def test_load_lora_mismatch_is_a_user_error(tiny_path, tmp_path):
     save_lora(source, folder)
     save_file({k: v.contiguous() for k, v in trimmed.items()}, str(folder / "adapter_model.safetensors"))
     with pytest.raises(UserError, match="does not fit this UNet"):
-        load_lora(_unet(tiny_path), folder)
+        load_lora(tiny_unet(tiny_path), folder)
 
 
 # ----------------------------------------------------------------------------- export
 def test_export_merges_lora_and_loads_into_the_pipeline(tiny_path, tmp_path):
-    generator = _unet(tiny_path)
+    generator = tiny_unet(tiny_path)
     add_generator_lora(generator, rank=8, alpha=16)
     assert generator.peft_config["default"].lora_alpha == 16
     randomize_lora_b(generator)
     before = {k: v.clone() for k, v in lora_state_dict(generator).items()}
-    expected = _eps(generator)
+    expected = eps_of(generator)
 
     out = export_unet(generator, tmp_path / "export", conditioning_timestep=399, num_steps=1)
     assert has_lora(generator) and all(torch.equal(before[k], v) for k, v in lora_state_dict(generator).items())
-    assert torch.equal(_eps(generator), expected)  # the training model is untouched
+    assert torch.equal(eps_of(generator), expected)  # the training model is untouched
     info = json.loads((out / "dmdr_export.json").read_text())
     assert (info["conditioning_timestep"], info["num_steps"], info["timesteps"]) == (399, 1, [399])
     assert (out / "diffusion_pytorch_model.safetensors").is_file()
 
     merged = UNet2DConditionModel.from_pretrained(out)
     assert not any("lora" in k or "base_layer" in k for k in merged.state_dict())
-    assert torch.allclose(_eps(merged), expected, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(eps_of(merged), expected, rtol=1e-4, atol=1e-4)
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_path, unet=merged)
     pipe.set_progress_bar_config(disable=True)
@@ -162,7 +152,7 @@ def test_export_merges_lora_and_loads_into_the_pipeline(tiny_path, tmp_path):
 
 
 def test_export_without_lora_is_exact_and_replaces_an_old_export(tiny_path, tmp_path):
-    unet = _unet(tiny_path)
+    unet = tiny_unet(tiny_path)
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "stale.txt").write_text("old")
     out = export_unet(unet, tmp_path / "export", conditioning_timestep=999, num_steps=4,
@@ -181,7 +171,7 @@ def test_an_export_has_the_modes_of_any_file_the_user_writes(tiny_path, tmp_path
     """Exports were 0700 folders of 0600 files (mkdtemp, safetensors): unreadable for a shared ComfyUI."""
     old = os.umask(0o022)
     try:
-        out = export_unet(_unet(tiny_path), tmp_path / "export", conditioning_timestep=399, num_steps=1)
+        out = export_unet(tiny_unet(tiny_path), tmp_path / "export", conditioning_timestep=399, num_steps=1)
     finally:
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
@@ -210,7 +200,7 @@ def test_lora_targets_exist_in_the_real_sdxl_unet():
 
 
 def test_guidance_and_generator_lora_are_independent(tiny_path):
-    teacher = _unet(tiny_path)
+    teacher = tiny_unet(tiny_path)
     guidance, generator = copy.deepcopy(teacher), copy.deepcopy(teacher)
     add_guidance_lora(guidance, rank=2)
     add_generator_lora(generator, rank=4, alpha=8)
@@ -231,16 +221,16 @@ class _Wrapper(torch.nn.Module):
 
 
 def test_wrapped_models_and_low_precision(tiny_path, tmp_path):
-    generator = _unet(tiny_path)
+    generator = tiny_unet(tiny_path)
     add_generator_lora(generator, rank=4, alpha=8)
     randomize_lora_b(generator)
     wrapped = _Wrapper(_Wrapper(generator, "_orig_mod"))
     save_lora(wrapped, tmp_path / "lora")
     assert has_lora(wrapped)
     out = export_unet(wrapped, tmp_path / "export", conditioning_timestep=399, num_steps=1)
-    assert torch.allclose(_eps(UNet2DConditionModel.from_pretrained(out)), _eps(generator), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(eps_of(UNet2DConditionModel.from_pretrained(out)), eps_of(generator), rtol=1e-4, atol=1e-4)
 
-    bf16 = _unet(tiny_path).to(torch.bfloat16)
+    bf16 = tiny_unet(tiny_path).to(torch.bfloat16)
     x, t, embeds, pooled = unet_inputs()
     eps = predict_eps(_Wrapper(bf16), x, t, embeds, pooled, RES, lora_scale=None)
     assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
