@@ -124,6 +124,12 @@ def test_export_reads_an_s3_run_and_writes_its_result_to_s3(trained, dmdr, tmp_p
     ours = UNet2DConditionModel.from_pretrained(tmp_path / "here").state_dict()
     assert theirs.keys() == ours.keys() and all(theirs[k].equal(ours[k]) for k in ours)
 
+    # a single-file export is one object under the key
+    dmdr(["dmdr", "export", "--run", uri, "--format", "single-file", "--out", f"s3://{bucket}/exports/dmdr.safetensors",
+          "--cache-dir", str(cache)])
+    head = moto.client().head_object(Bucket=bucket, Key="exports/dmdr.safetensors")
+    assert head["ContentLength"] > 1_000_000
+
     # a run that is not there: one line naming it, exit 2, nothing left in the bucket
     assert cli.main(["export", "--run", f"s3://{bucket}/prefix/nope", "--out", f"s3://{bucket}/exports/x"]) == 2
     err = capsys.readouterr().err
