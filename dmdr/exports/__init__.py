@@ -67,6 +67,18 @@ class ExportSource:
         return self.timesteps[0] if len(self.timesteps) == 1 else self.cfg.conditioning_timestep
 
 
+def base_model_name(spec: str) -> str:
+    """The base model as an export records it: a hub id or builtin name as is, a URI without
+    credentials, a local folder by its name only (no path of the training machine)."""
+    if "://" in spec:
+        from dmdr.redact import redact
+
+        return redact(spec)
+    if spec.startswith(("/", "~", ".")) or Path(spec).expanduser().exists():
+        return Path(spec).name
+    return spec
+
+
 def load_hint(fmt: str) -> str | None:
     """How to load an export of format `fmt`, where its module says (the CLI prints it)."""
     return getattr(importlib.import_module(f"dmdr.exports.{_MODULES[fmt]}"), "HOW_TO_LOAD", None)

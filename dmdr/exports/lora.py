@@ -133,7 +133,7 @@ def _save(weights: dict[str, torch.Tensor], rank: int, build: Path, kohya_name: 
 def write(source, out: Path, dtype: str, extract_lora: int | None = None) -> Path:
     """`--format lora` of an `ExportSource`: the adapter (or a LoRA extracted at rank `extract_lora`)
     in the diffusers and kohya formats, plus dmdr_export.json."""
-    from dmdr.exports import torch_dtype
+    from dmdr.exports import base_model_name, torch_dtype
 
     cfg = source.cfg
     check(cfg, extract_lora)
@@ -148,7 +148,7 @@ def write(source, out: Path, dtype: str, extract_lora: int | None = None) -> Pat
     info = {
         "format": "dmdr-lora-export", "version": 1, "rank": rank, "lora_alpha": rank,
         "source": "adapter" if extracted is None else "extracted", "extraction": extracted,
-        "base_model": cfg.pretrained_model, "files": {"diffusers": DIFFUSERS_FILE, "kohya": kohya_name},
+        "base_model": base_model_name(cfg.pretrained_model), "files": {"diffusers": DIFFUSERS_FILE, "kohya": kohya_name},
         "conditioning_timestep": source.conditioning_timestep, "num_steps": cfg.sample_num_steps,
         "timesteps": source.timesteps, "prediction_type": "epsilon", "guidance_scale": 0,
         "dtype": str(torch_dtype(dtype)).removeprefix("torch."),

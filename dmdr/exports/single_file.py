@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from dmdr.errors import UserError
-from dmdr.exports import sgm_keys
+from dmdr.exports import base_model_name, sgm_keys
 from dmdr.exports.diffusers_unet import merged_unet, shareable
-from dmdr.redact import redact
 
 HOW_TO_LOAD = (
     "ComfyUI: put the file in models/checkpoints (A1111/Forge: models/Stable-diffusion); diffusers: "
@@ -31,16 +30,6 @@ def check_out(out: Path) -> None:
     """`--out` of a single-file export names the .safetensors file to write."""
     if out.suffix != ".safetensors" or out.is_dir():
         raise UserError(f"--out {out}: --format single-file writes one file; name it <something>.safetensors")
-
-
-def _base_name(spec: str) -> str:
-    """The base model as the header records it: a hub id or builtin name as is, a URI without
-    credentials, a local folder by its name only (no path of the training machine)."""
-    if "://" in spec:
-        return redact(spec)
-    if spec.startswith(("/", "~", ".")) or Path(spec).expanduser().exists():
-        return Path(spec).name
-    return spec
 
 
 def _teacher_vae(source) -> torch.nn.Module:
@@ -68,7 +57,7 @@ def metadata(source, dtype: str) -> dict[str, str]:
         "dmdr.version": "1",
         "dmdr.source_run": cfg.exp_name,
         "dmdr.source_step": str(source.step),
-        "dmdr.base_model": _base_name(cfg.pretrained_model),
+        "dmdr.base_model": base_model_name(cfg.pretrained_model),
         "dmdr.num_steps": str(len(source.timesteps)),
         "dmdr.timesteps": json.dumps(source.timesteps),
         "dmdr.conditioning_timestep": str(source.conditioning_timestep),

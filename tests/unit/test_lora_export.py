@@ -44,6 +44,7 @@ def test_lora_run_exports_what_diffusers_loads_as_the_merged_model(tiny_path, tm
     out = lora_export.write(_source(tiny_path, generator, use_lora_gen=True), tmp_path / "dmdr-lora", "fp32")
     info = json.loads((out / "dmdr_export.json").read_text())
     assert (info["rank"], info["lora_alpha"], info["source"], info["timesteps"]) == (4, 4, "adapter", [399])
+    assert info["base_model"] == tiny_path.name  # a local base by its name: no path of the training machine
     ours = {k.replace(".default", ""): v for k, v in get_peft_model_state_dict(generator).items()}
     for name in (lora_export.DIFFUSERS_FILE, "dmdr-lora_kohya.safetensors"):
         unet = _loaded(tiny_path, out, name)
