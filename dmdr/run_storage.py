@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -385,4 +386,27 @@ class RunStorage:
             self.lease.release()  # only the job's rank 0 holds it
         if self.lost:
             raise UserError(self.lost)
+        return done
+
+    def close_node_0_last(self, timeout: float, stop: Callable[[], bool] | None = None) -> bool:
+        """`close` on every rank at the end of a run, node 0 last: the other nodes' uploads (their
+        parts of the last checkpoint) finish, a barrier, then node 0 merges the parts and publishes.
+        So node 0 never waits on the store for the part of a node that is gone: the lost node fails
+        the barrier at once. (Node 0 used to wait for it; torchrun, its rendezvous gone with that
+        node, sent SIGTERM and the wait went on for --shutdown-grace: the pod, and the job's
+        recovery, waited for torchrun's --shutdown-timeout.)"""
+        if not self.enabled or self.num_nodes == 1:
+            return self.close(timeout, stop)
+        deadline = time.monotonic() + timeout
+        done, error = True, None
+        if self.node_rank != 0:
+            try:
+                done = self.close(timeout, stop)
+            except UserError as exc:  # the lease lost: raised after the barrier, so node 0 says it too
+                error = exc
+        self.acc.wait_for_everyone()
+        if error is not None:
+            raise error
+        if self.node_rank == 0:
+            done = self.close(max(1.0, deadline - time.monotonic()), stop)
         return done

@@ -148,7 +148,7 @@ class Trainer:
             self.save()
         self.check_replicas()
         acc.wait_for_everyone()
-        if not self.storage.close(timeout=FINAL_UPLOAD_TIMEOUT, stop=self.stop_seen):
+        if not self.storage.close_node_0_last(FINAL_UPLOAD_TIMEOUT, stop=self.stop_seen):
             if self.stop_seen():
                 return self.exit_status()
             raise UserError(f"uploads to {cfg.s3_uri} did not finish in {FINAL_UPLOAD_TIMEOUT:.0f}s; "

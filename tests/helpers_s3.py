@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import boto3
 import pytest
@@ -160,6 +161,9 @@ class TcpProxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
+        self._hold: Callable[[str, str], bool] | None = None
+        self.held = threading.Event()  # set once a request matched hold_from
+        self._down = threading.Event()
 
     @property
     def endpoint(self) -> str:
@@ -174,8 +178,15 @@ class TcpProxy:
         threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
         return self
 
+    def hold_from(self, match: Callable[[str, str], bool]) -> None:
+        """From the first request `match(method, path)` accepts on, nothing more reaches the
+        store, that request included (a node whose network went dark): the client's bytes wait
+        in the proxy until `down()`."""
+        self._hold = match
+
     def down(self) -> None:
         """Close the listener and every open connection: clients get 'connection refused'."""
+        self._down.set()
         if self._listener:
             self._listener.close()
             self._listener = None
@@ -217,6 +228,11 @@ class TcpProxy:
             while data := src.recv(self._chunk(record)):
                 if parser:
                     parser.feed(data)
+                    if self._hold and any(self._hold(method, path) for method, path, _ in self.requests):
+                        self.held.set()
+                if record and self.held.is_set():
+                    self._down.wait()
+                    return
                 dst.sendall(data)
                 self._pace(len(data), record)
         except OSError:

@@ -7,7 +7,8 @@ The pod simulation (slow): the cpu-tiny values (2 pods x 2 processes, gloo, S3 o
 server) rendered with launcher=indexedjob; each pod is the pod spec the Job controller creates
 for its index (helpers_indexedjob: JOB_COMPLETION_INDEX, hostname under the headless Service) as
 a local process group. Once the first checkpoint is in S3 a node is lost, index 0's (the c10d
-store host) or index 1's: its pod is SIGKILLed and carries DisruptionTarget. The controller
+store host) or index 1's, or index 0's as its part of the final checkpoint goes up (its S3 traffic
+held first): its pod is SIGKILLed and carries DisruptionTarget. The controller
 model then decides everything (podFailurePolicy, backoffLimitPerIndex, the per-index backoff delay, a new pod
 with empty emptyDirs): the job must complete with every step logged once in S3.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 
 import pytest
 
@@ -23,8 +25,8 @@ import helpers_helm as h
 import helpers_indexedjob as ij
 from helpers_pods import (CKPT_STEPS, SECRET, Pod, cpu_tiny_values, last_logged_step, latest,
                           s3_object, stand_in_pods, tiny_model)  # noqa: F401 (fixture)
-from helpers_s3 import (ACCESS_KEY, SECRET_KEY, bucket, free_port, listening, moto, s3_env,  # noqa: F401 (fixtures)
-                        wait_for)
+from helpers_s3 import (ACCESS_KEY, SECRET_KEY, TcpProxy, bucket, free_port, listening, moto,  # noqa: F401 (fixtures)
+                        s3_env, wait_for)
 
 PODS, PROCS = 2, 2
 MAX_STEPS = 2 * CKPT_STEPS  # one checkpoint before the loss, one after: the shortest proof
@@ -168,17 +170,22 @@ def test_the_controller_model_fails_fast_on_exit_2_and_retries_only_the_failed_i
     assert pods[0].starts == 1  # the other index is never restarted for it
 
 
-# Known defect (2026-11-30): with the store host (index 0) lost, its replacement sometimes waits
-# in the rendezvous for the whole timeout (1 of 3 clean-clone CI runs; the survivor had exited
-# with RendezvousConnectionError and was being retried). Open under issue #11; not hidden: the
-# case still runs and reports XFAIL/XPASS.
-STORE_HOST_HANG = pytest.mark.xfail(reason="store host's replacement can wait in the rendezvous "
-                                    "until the timeout (issue #11, open)", strict=False)
+# [store-host-lost-final-upload] (issue #11's intermittent hang, made deterministic): the store
+# host's node goes dark (its S3 traffic stops) as it starts uploading its part of the final
+# checkpoint and is lost DARK_S later, when every rank is past the last training step. Node 0
+# (the survivor here) used to wait for that part; torchrun, its rendezvous gone, sent SIGTERM and
+# the trainer kept waiting --shutdown-grace (280 s), so the survivor's pod failed only ~290 s
+# later and its replacement came after the job's timeout. Now node 0 waits at a barrier behind
+# the other nodes' closes, which the lost node fails at once.
+DARK_S = 2
+SURVIVOR_EXIT_TIMEOUT = 120  # torchrun's --shutdown-timeout is 290 s here: far more is a hang
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lost", [pytest.param(0, marks=STORE_HOST_HANG), 1], ids=["store-host-lost", "peer-lost"])
-def test_indexed_job_pods_train_and_finish_after_a_node_is_lost(tmp_path, moto, bucket, tiny_model, lost):
+@pytest.mark.parametrize("lost, final_upload", [(0, False), (1, False), (0, True)],
+                         ids=["store-host-lost", "peer-lost", "store-host-lost-final-upload"])
+def test_indexed_job_pods_train_and_finish_after_a_node_is_lost(tmp_path, moto, bucket, tiny_model, lost,
+                                                                final_upload):
     port = free_port()
     values = cpu_tiny_values(moto, bucket, max_steps=MAX_STEPS)
     values["launcher"] = "indexedjob"
@@ -198,21 +205,39 @@ def test_indexed_job_pods_train_and_finish_after_a_node_is_lost(tmp_path, moto, 
     logs.mkdir()
     pods = [Pod(r, logs) for r in replicas]
     indexes = [ij.Index(pod) for pod in pods]
+    proxy = TcpProxy(moto.port).up() if final_upload else None  # the lost pod's way to S3
+    if proxy:
+        proxy.hold_from(lambda method, path: f"/step-{MAX_STEPS}/" in path)
+        replicas[lost].env["AWS_ENDPOINT_URL"] = proxy.endpoint
     try:
         # The controller creates both pods at once; index 1 waits for index 0's store
         # (is_host=false: it never hosts it, even when it starts first).
         pods[1].start()
         pods[0].start()
-        committed = wait_for(lambda: all(p.alive() for p in pods) and latest(moto, bucket),
-                             timeout=FIRST_CKPT_TIMEOUT, interval=0.1, what="a checkpoint in S3")
+        ready = proxy.held.is_set if proxy else (lambda: latest(moto, bucket))
+        wait_for(lambda: all(p.alive() for p in pods) and ready(), timeout=FIRST_CKPT_TIMEOUT, interval=0.1,
+                 what=f"{pods[lost].name} uploading step {MAX_STEPS}" if proxy else "a checkpoint in S3")
+        if proxy:
+            # node ranks follow the pods' start order here (one host: the agents' pids), so the
+            # store host is node 1 and the survivor node 0, the one that publishes checkpoints
+            assert any(path.endswith("/node-1.json") for _, path, _ in proxy.requests), proxy.requests
+            time.sleep(DARK_S)
+        committed = wait_for(lambda: latest(moto, bucket), interval=0.1, what="a checkpoint in S3")
         assert committed == CKPT_STEPS
         pods[lost].kill()  # the node is lost: PodGC marks the pod DisruptionTarget
+        replicas[lost].env["AWS_ENDPOINT_URL"] = moto.endpoint  # its replacement runs on a sound node
         lost_after = last_logged_step(pods)
         newest = latest(moto, bucket)
+        if final_upload:  # the survivor does not wait for the lost node's part until torchrun kills it
+            survivor = pods[1 - lost]
+            wait_for(lambda: survivor.proc.poll() is not None, timeout=SURVIVOR_EXIT_TIMEOUT, interval=0.2,
+                     what=f"{survivor.name} to exit after losing {pods[lost].name}")
         result = ij.run_job(job, indexes, RUN_TIMEOUT, conditions={pods[lost].name: {"DisruptionTarget"}})
     finally:
         for pod in pods:
             pod.kill()
+        if proxy:
+            proxy.down()
 
     assert result == "Complete", result
     # the lost node did not count against its index
