@@ -6,6 +6,7 @@ import copy
 import re
 
 import pytest
+import yaml
 
 import helpers_helm as h
 from dmdr import cli
@@ -83,3 +84,92 @@ def test_eval_job_refuses_what_cannot_work(values):
     assert "eval.enabled needs storage.s3.uri" in h.render_error({"eval": {"enabled": True}})  # chart defaults
     assert "eval.refStats is empty" in h.render_error(_with_eval(values, metrics="clip,fid"))
     assert "/eval/metrics" in h.render_error(_with_eval(values, metrics="clip,lpips"))  # the schema
+    outputs_init = {"initContainers": [{"name": "seed", "image": "busybox",
+                                        "volumeMounts": [{"name": "outputs", "mountPath": "/out"}]}]}
+    assert "initContainer seed mounts the volume outputs, which the eval pod does not have" in h.render_error(
+        _with_eval(values) | outputs_init)
+
+
+# What the eval pod takes from the training pods (values.yaml, eval) and what it leaves out.
+SHARED_POD_FIELDS = ("serviceAccountName", "automountServiceAccountToken", "enableServiceLinks", "imagePullSecrets",
+                     "priorityClassName", "runtimeClassName", "securityContext", "initContainers", "nodeSelector",
+                     "tolerations", "affinity")
+TRAINING_ONLY_FIELDS = ("hostNetwork", "dnsPolicy", "topologySpreadConstraints", "terminationGracePeriodSeconds")
+MODELS_ON_A_PVC = {
+    "training": {"overrides": {"pretrained_model": "/models/sdxl"}},
+    "extraVolumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "sdxl-models", "readOnly": True}}],
+    "extraVolumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+    "initContainers": [{"name": "fetch", "image": "busybox", "command": ["true"],
+                        "volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}],
+    "imagePullSecrets": [{"name": "registry"}],
+    "priorityClassName": "training", "runtimeClassName": "nvidia", "hostNetwork": True,
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]}}},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule",
+                                   "labelSelector": {"matchLabels": {"app": "dmdr"}}}],
+    "podSecurity": {"fsGroup": 3000, "fsGroupChangePolicy": "Always", "supplementalGroups": [2000]},
+}
+
+
+def _trainer_pod(objects, launcher):
+    if launcher == "jobset":
+        return h.the(objects, "JobSet")["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    return next(iter(h.replica_templates(h.the(objects, "PyTorchJob")).values()))["spec"]
+
+
+def _covering_mount(container, path):
+    mounts = [m for m in container["volumeMounts"] if path == m["mountPath"] or path.startswith(m["mountPath"] + "/")]
+    assert mounts, f"nothing is mounted at {path} in the {container['name']} container"
+    return max(mounts, key=lambda m: len(m["mountPath"]))
+
+
+@pytest.mark.parametrize("launcher", ["pytorchjob", "jobset"])
+@pytest.mark.parametrize("cache", [{"existingClaim": "hf-cache", "subPath": "team/hf"},
+                                   {"create": {"enabled": True}}], ids=["existing-claim", "created-claim"])
+def test_eval_pod_finds_the_models_where_the_trainer_does(values, launcher, cache):
+    """A base model on a PVC (extraVolumes) or in the shared cache is where args.json says, in the eval pod too."""
+    knobs = h.render_chart.merge_values(_with_eval(values), {**copy.deepcopy(MODELS_ON_A_PVC), "launcher": launcher,
+                                                             "storage": {"cache": cache}})
+    objects = h.render_objects(knobs)
+    job = _eval_job(objects)
+    h.validate_k8s(job)
+    pod, trainer = job["spec"]["template"]["spec"], _trainer_pod(objects, launcher)
+    (container,) = pod["containers"]
+    train_container = trainer["containers"][0]
+    config = yaml.safe_load(h.the(objects, "ConfigMap")["data"]["config.yaml"])
+    # dmdr eval reads the base model path and the Hugging Face cache from the run's args.json / env.
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    for path in (config["pretrained_model"], env["HF_HOME"], "/home/dmdr/.cache/dmdr/eval"):
+        mount = _covering_mount(container, path)
+        assert mount == _covering_mount(train_container, path), path
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert volume == next(v for v in trainer["volumes"] if v["name"] == mount["name"]), path
+    cache_volume = next(v for v in pod["volumes"] if v["name"] == "cache")
+    assert "persistentVolumeClaim" in cache_volume and "emptyDir" not in cache_volume
+
+    for field in SHARED_POD_FIELDS:
+        assert pod.get(field) == trainer.get(field), field
+    assert pod["securityContext"]["fsGroup"] == 3000 and pod["initContainers"][0]["name"] == "fetch"
+    for field in TRAINING_ONLY_FIELDS:
+        assert field in trainer and field not in pod, field
+    # One process: no rendezvous, NCCL or torchrun settings, nor the job's outputs volume.
+    assert not [name for name in env if name.startswith(("PET_", "NCCL_", "TORCH_DISABLE_SHARE"))]
+    assert {e["name"] for e in train_container["env"]} - set(env) and pod["restartPolicy"] == "Never"
+    assert {v["name"] for v in pod["volumes"]} == {"tmp", "home", "cache", "models"}
+
+
+def test_eval_pod_scheduling(values):
+    """Its own nodeSelector / tolerations / affinity win over the training pods'; no gang scheduler."""
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["eval"]}]}]}}}
+    knobs = h.render_chart.merge_values(
+        _with_eval(values, affinity=affinity, tolerations=[{"key": "eval", "operator": "Exists"}]),
+        {**copy.deepcopy(MODELS_ON_A_PVC), "gangScheduling": {"enabled": True, "schedulerName": "volcano"}})
+    objects = h.render_objects(knobs)
+    pod = _eval_job(objects)["spec"]["template"]["spec"]
+    assert pod["affinity"] == affinity and pod["tolerations"] == [{"key": "eval", "operator": "Exists"}]
+    assert _trainer_pod(objects, "pytorchjob")["schedulerName"] == "volcano" and "schedulerName" not in pod
+    knobs |= {"schedulerName": "topology-aware", "gangScheduling": {"enabled": False}}
+    pod = _eval_job(h.render_objects(knobs))["spec"]["template"]["spec"]
+    assert pod["schedulerName"] == "topology-aware"

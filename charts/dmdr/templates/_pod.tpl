@@ -23,63 +23,7 @@ spec:
   {{- with include "dmdr.launcherPodSpec" . }}
   {{- . | trim | nindent 2 }}
   {{- end }}
-  serviceAccountName: {{ include "dmdr.serviceAccountName" . }}
-  automountServiceAccountToken: {{ $v.automountServiceAccountToken }}
-  # Service links would add an env var per Service in the namespace; training needs none.
-  enableServiceLinks: false
-  terminationGracePeriodSeconds: {{ $v.job.terminationGracePeriodSeconds }}
-  {{- with $v.imagePullSecrets }}
-  imagePullSecrets:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  {{- with $v.priorityClassName }}
-  priorityClassName: {{ . | quote }}
-  {{- end }}
-  {{- with include "dmdr.schedulerName" . }}
-  schedulerName: {{ . | quote }}
-  {{- end }}
-  {{- with $v.runtimeClassName }}
-  runtimeClassName: {{ . | quote }}
-  {{- end }}
-  {{- if $v.hostNetwork }}
-  hostNetwork: true
-  # Pod and Service names still resolve through the cluster DNS.
-  dnsPolicy: ClusterFirstWithHostNet
-  {{- end }}
-  {{- with $v.nodeSelector }}
-  nodeSelector:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  {{- with $v.tolerations }}
-  tolerations:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  {{- with $v.affinity }}
-  affinity:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  {{- with $v.topologySpreadConstraints }}
-  topologySpreadConstraints:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  securityContext:
-    runAsNonRoot: true
-    runAsUser: {{ $v.podSecurity.runAsUser }}
-    runAsGroup: {{ $v.podSecurity.runAsGroup }}
-    {{- if not (kindIs "invalid" $v.podSecurity.fsGroup) }}
-    fsGroup: {{ $v.podSecurity.fsGroup }}
-    fsGroupChangePolicy: {{ $v.podSecurity.fsGroupChangePolicy }}
-    {{- end }}
-    {{- with $v.podSecurity.supplementalGroups }}
-    supplementalGroups:
-      {{- toYaml . | nindent 6 }}
-    {{- end }}
-    seccompProfile:
-      type: RuntimeDefault
-  {{- with $v.initContainers }}
-  initContainers:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
+  {{- include "dmdr.podSpec" . | nindent 2 }}
   containers:
     - name: {{ $container }}
       image: {{ include "dmdr.image" . | quote }}
@@ -148,69 +92,169 @@ spec:
       securityContext:
         {{- include "dmdr.containerSecurityContext" (dict "add" $v.podSecurity.addCapabilities) | nindent 8 }}
       volumeMounts:
-        - name: config
-          mountPath: /etc/dmdr
-          readOnly: true
-        - name: dshm
-          mountPath: /dev/shm
-        - name: tmp
-          mountPath: /tmp
-        - name: home
-          mountPath: /home/dmdr
-        - name: cache
-          mountPath: /home/dmdr/.cache
-          {{- with $v.storage.cache.subPath }}
-          subPath: {{ . | quote }}
-          {{- end }}
-        - name: outputs
-          mountPath: /workspace/outputs
-          {{- with $v.storage.outputs.subPath }}
-          subPath: {{ . | quote }}
-          {{- end }}
-        {{- with $v.extraVolumeMounts }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
+        {{- include "dmdr.volumeMounts" . | trim | nindent 8 }}
     {{- with $v.extraContainers }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
   volumes:
-    - name: config
-      configMap:
-        name: {{ include "dmdr.configMapName" . }}
-    - name: dshm
-      emptyDir:
-        medium: Memory
-        sizeLimit: {{ $v.shm.sizeLimit | quote }}
-    - name: tmp
-      emptyDir:
-        sizeLimit: {{ $v.storage.tmp.sizeLimit | quote }}
-    - name: home
-      emptyDir:
-        sizeLimit: {{ $v.storage.home.sizeLimit | quote }}
-    - name: cache
-      {{- if or $v.storage.cache.existingClaim $v.storage.cache.create.enabled }}
-      persistentVolumeClaim:
-        claimName: {{ include "dmdr.cacheClaimName" . }}
-      {{- else }}
-      emptyDir:
-        sizeLimit: {{ $v.storage.cache.sizeLimit | quote }}
-      {{- end }}
-    - name: outputs
-      {{- if $v.storage.outputs.existingClaim }}
-      persistentVolumeClaim:
-        claimName: {{ $v.storage.outputs.existingClaim }}
-      {{- else }}
-      emptyDir:
-        sizeLimit: {{ $v.storage.outputs.sizeLimit | quote }}
-      {{- end }}
-    {{- with $v.extraVolumes }}
-    {{- toYaml . | nindent 4 }}
-    {{- end }}
+    {{- include "dmdr.volumes" . | trim | nindent 4 }}
 {{- end }}
 
-{{/* The container environment; credentials only ever as secretKeyRef. */}}
+{{/*
+Pod spec fields of the training pods, shared with the eval Job's pod (context: the root, with
+"evalPod" true for the eval pod, e.g. (merge (dict "evalPod" true) $)). The eval pod, one
+process that reads the run from the store, leaves out what belongs to the distributed job:
+the trainer's shutdown grace, the gang scheduler, hostNetwork (NCCL's NICs) and
+topologySpreadConstraints (spreading the job's pods); its nodeSelector, tolerations and
+affinity are eval.*, falling back to the training pods'.
+*/}}
+{{- define "dmdr.podSpec" -}}
+{{- $v := .Values -}}
+{{- $eval := .evalPod | default false -}}
+serviceAccountName: {{ include "dmdr.serviceAccountName" . }}
+automountServiceAccountToken: {{ $v.automountServiceAccountToken }}
+# Service links would add an env var per Service in the namespace; training needs none.
+enableServiceLinks: false
+{{- if not $eval }}
+terminationGracePeriodSeconds: {{ $v.job.terminationGracePeriodSeconds }}
+{{- end }}
+{{- with $v.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.priorityClassName }}
+priorityClassName: {{ . | quote }}
+{{- end }}
+{{- with ternary $v.schedulerName (include "dmdr.schedulerName" .) $eval }}
+schedulerName: {{ . | quote }}
+{{- end }}
+{{- with $v.runtimeClassName }}
+runtimeClassName: {{ . | quote }}
+{{- end }}
+{{- if and $v.hostNetwork (not $eval) }}
+hostNetwork: true
+# Pod and Service names still resolve through the cluster DNS.
+dnsPolicy: ClusterFirstWithHostNet
+{{- end }}
+{{- with ternary ($v.eval.nodeSelector | default $v.nodeSelector) $v.nodeSelector $eval }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with ternary ($v.eval.tolerations | default $v.tolerations) $v.tolerations $eval }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with ternary ($v.eval.affinity | default $v.affinity) $v.affinity $eval }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- if not $eval }}
+{{- with $v.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: {{ $v.podSecurity.runAsUser }}
+  runAsGroup: {{ $v.podSecurity.runAsGroup }}
+  {{- if not (kindIs "invalid" $v.podSecurity.fsGroup) }}
+  fsGroup: {{ $v.podSecurity.fsGroup }}
+  fsGroupChangePolicy: {{ $v.podSecurity.fsGroupChangePolicy }}
+  {{- end }}
+  {{- with $v.podSecurity.supplementalGroups }}
+  supplementalGroups:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  seccompProfile:
+    type: RuntimeDefault
+{{- with $v.initContainers }}
+initContainers:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The trainer container's volume mounts; the eval container's (.evalPod) leave out the
+     ConfigMap, /dev/shm and the outputs (it reads the run from the store). */}}
+{{- define "dmdr.volumeMounts" -}}
+{{- $v := .Values -}}
+{{- $eval := .evalPod | default false -}}
+{{- if not $eval }}
+- name: config
+  mountPath: /etc/dmdr
+  readOnly: true
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /home/dmdr
+- name: cache
+  mountPath: /home/dmdr/.cache
+  {{- with $v.storage.cache.subPath }}
+  subPath: {{ . | quote }}
+  {{- end }}
+{{- if not $eval }}
+- name: outputs
+  mountPath: /workspace/outputs
+  {{- with $v.storage.outputs.subPath }}
+  subPath: {{ . | quote }}
+  {{- end }}
+{{- end }}
+{{- with $v.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The volumes of dmdr.volumeMounts (same context); without a cache PVC the eval pod's
+     cache emptyDir has its own size limit (eval.cacheSizeLimit). */}}
+{{- define "dmdr.volumes" -}}
+{{- $v := .Values -}}
+{{- $eval := .evalPod | default false -}}
+{{- if not $eval }}
+- name: config
+  configMap:
+    name: {{ include "dmdr.configMapName" . }}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ $v.shm.sizeLimit | quote }}
+{{- end }}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ $v.storage.tmp.sizeLimit | quote }}
+- name: home
+  emptyDir:
+    sizeLimit: {{ $v.storage.home.sizeLimit | quote }}
+- name: cache
+  {{- if or $v.storage.cache.existingClaim $v.storage.cache.create.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ include "dmdr.cacheClaimName" . }}
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ ternary $v.eval.cacheSizeLimit $v.storage.cache.sizeLimit $eval | quote }}
+  {{- end }}
+{{- if not $eval }}
+- name: outputs
+  {{- if $v.storage.outputs.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ $v.storage.outputs.existingClaim }}
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ $v.storage.outputs.sizeLimit | quote }}
+  {{- end }}
+{{- end }}
+{{- with $v.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The container environment; credentials only ever as secretKeyRef. The eval pod's
+     (.evalPod) has no rendezvous or NCCL variables: it is one process. */}}
 {{- define "dmdr.env" -}}
 {{- $v := .Values -}}
+{{- $eval := .evalPod | default false -}}
 - name: HOME
   value: /home/dmdr
 - name: TMPDIR
@@ -223,14 +267,14 @@ spec:
   value: /home/dmdr/.cache/triton
 - name: TORCHINDUCTOR_CACHE_DIR
   value: /home/dmdr/.cache/torchinductor
-{{- if include "dmdr.c10d" . }}
+{{- if and (include "dmdr.c10d" .) (not $eval) }}
 {{- /* torchrun shares its rendezvous TCP store across rounds by default: a replaced pod's
        agent then joins a later round and waits forever for a master address that the
        surviving rank-0 agent never republishes. One store per round avoids the hang. */}}
 - name: TORCH_DISABLE_SHARE_RDZV_TCP_STORE
   value: "1"
 {{- end }}
-{{- if eq $v.distributed.backend "nccl" }}
+{{- if and (eq $v.distributed.backend "nccl") (not $eval) }}
 - name: NCCL_DEBUG
   value: {{ $v.nccl.debug | quote }}
 {{- with $v.nccl.socketIfname }}
@@ -312,7 +356,9 @@ spec:
       key: {{ .tokenKey | quote }}
 {{- end }}
 {{- end }}
+{{- if not $eval }}
 {{- include "dmdr.launcherEnv" . }}
+{{- end }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
 {{- end }}
