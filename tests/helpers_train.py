@@ -35,11 +35,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def readme_commands(heading: str) -> list[list[str]]:
-    """The `dmdr ...` lines of the first bash block after `heading` in README.md, split as a shell would."""
+def readme_commands(heading: str, every_block: bool = False) -> list[list[str]]:
+    """The `dmdr ...` lines of the first bash block after `heading` in README.md (`every_block`: of
+    every bash block up to the next heading of that level), split as a shell would."""
     section = (REPO / "README.md").read_text(encoding="utf-8").split(heading, 1)[1]
-    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
-    return [shlex.split(line, comments=True) for line in block.splitlines() if line.startswith("dmdr ")]
+    if every_block:
+        section = section.split("\n" + heading.split(" ", 1)[0] + " ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```bash\n")[1:]]
+    return [shlex.split(line, comments=True) for block in (blocks if every_block else blocks[:1])
+            for line in block.splitlines() if line.startswith("dmdr ")]
 
 
 def train_tiny_into_store(moto, base: Path, *flags: str) -> tuple[str, Path]:

@@ -7,7 +7,7 @@ import torch
 
 from dmdr import cli
 from helpers_models import RES, unet_inputs
-from helpers_train import env, run_dmdr, tiny_args
+from helpers_train import env, readme_commands, run_dmdr, tiny_args
 
 pytestmark = pytest.mark.slow
 
@@ -75,3 +75,24 @@ def test_cli_refuses_a_lora_the_run_cannot_give_before_loading_it(lora_run, dmdr
     err = capsys.readouterr().err
     assert "fine-tuned the full UNet (no --use-lora-gen); add --extract-lora RANK" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_readme_export_commands_run_as_written(lora_run, dmdr, tmp_path, monkeypatch):
+    """Every local `dmdr export` line of the README's "Exporting" section, in a folder where runs/exp is
+    a --use-lora-gen run and runs/full a full fine-tune (the s3:// line: test_use_model_flow.py)."""
+    run, cache = lora_run
+    run_dmdr(tiny_args(tmp_path / "runs", "full", cache, "--max-train-steps", "1", "--checkpoint-steps", "1",
+                       "--sample-steps", "100"), cache)
+    (tmp_path / "runs" / "exp").symlink_to(run)
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands("### Exporting", every_block=True)
+    local = [c for c in commands if not any(a.startswith("s3://") for a in c)]
+    assert len(commands) - len(local) == 1 and {c[1] for c in commands} == {"export"}
+    assert {c[c.index("--format") + 1] if "--format" in c else "diffusers" for c in local} == {
+        "diffusers", "lora", "single-file"}
+    for argv in local:  # the two lora lines write one folder: the second replaces the first's
+        assert dmdr(*argv[1:]) == 0, argv
+    assert (tmp_path / "sdxl-dmdr-unet" / "dmdr_export.json").is_file()
+    assert (tmp_path / "sdxl-dmdr.safetensors").stat().st_size > 1_000_000
+    info = json.loads((tmp_path / "sdxl-dmdr-lora" / "dmdr_export.json").read_text())
+    assert info["source"] == "extracted" and info["rank"] >= 1
