@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dmdr import cli
-from helpers_models import RES, unet_inputs
+from helpers_models import eps_of
 from helpers_train import env, readme_commands, run_dmdr, tiny_args
 
 pytestmark = pytest.mark.slow
@@ -28,14 +28,6 @@ def dmdr(lora_run, monkeypatch):
     return lambda *argv: cli.main(list(argv))
 
 
-def _eps(unet):
-    from dmdr.models import predict_eps
-
-    x, t, embeds, pooled = unet_inputs()
-    with torch.no_grad():
-        return predict_eps(unet.eval(), x, t, embeds, pooled, RES)
-
-
 def test_cli_lora_export_loads_in_diffusers_as_the_merged_generator(lora_run, dmdr, tmp_path, capsys):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
@@ -47,11 +39,11 @@ def test_cli_lora_export_loads_in_diffusers_as_the_merged_generator(lora_run, dm
                 "--dtype", "fp32") == 0
     info = json.loads((tmp_path / "my-lora" / "dmdr_export.json").read_text())
     assert info["files"] == {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "my-lora_kohya.safetensors"}
-    merged = _eps(UNet2DConditionModel.from_pretrained(tmp_path / "unet"))
+    merged = eps_of(UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval())
     for weights in info["files"].values():
         pipe = StableDiffusionXLPipeline.from_pretrained(resolve_pretrained("builtin:tiny", cache))
         pipe.load_lora_weights(str(tmp_path / "my-lora"), weight_name=weights)
-        assert torch.allclose(_eps(pipe.unet), merged, rtol=1e-5, atol=1e-5), weights
+        assert torch.allclose(eps_of(pipe.unet.eval()), merged, rtol=1e-5, atol=1e-5), weights
 
     capsys.readouterr()
     assert dmdr("export", "--run", str(run), "--out", str(tmp_path / "x"), "--format", "lora",
